@@ -1,0 +1,11 @@
+"""hatconvert: turn any PyTorch model into a HAT (Hard Attention to the Task) continual learner."""
+
+from .convert import convert
+from .errors import ConversionError, HATError, TaskError
+from .network import HATNetwork
+from .tracing import register_leaf_function, register_leaf_module
+
+__version__ = "0.1.0"
+
+__all__ = ["convert", "HATNetwork", "ConversionError", "TaskError", "HATError",
+           "register_leaf_module", "register_leaf_function", "__version__"]

@@ -1,0 +1,156 @@
+"""``hatconvert.convert``: check the arguments, build or copy the model, trace, rewrite, report."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from typing import Any, Sequence
+
+from torch import nn
+
+from .errors import ConversionError
+from .gates import MASK_INITS
+from .network import HATNetwork
+from .report import ConversionReport, classify_tensors
+from .rewrite import find_output_layer, rewrite
+from .tracing import trace
+
+LOOSE_POLICIES = ("task", "freeze")
+CONVERSION_MASK_INITS = ("normal", "uniform", "dense")
+
+
+def create_timm_model(name: str, num_classes: int | None = None,
+                      weights: str | os.PathLike | None = None, **kwargs: Any) -> nn.Module:
+    """A timm model by name; ``weights`` is a local file of pretrained weights (no download)."""
+    try:
+        import timm
+    except ImportError as exc:  # pragma: no cover - timm is a dependency
+        raise ConversionError("converting a model by name needs timm: pip install timm") from exc
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ConversionError(f"timm has no model named {name!r}{hint}")
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if weights is not None:
+        if not os.path.isfile(weights):
+            raise ConversionError(f"weights file {os.fspath(weights)!r} does not exist")
+        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=os.fspath(weights)))
+    try:
+        return timm.create_model(name, **kwargs)
+    except Exception as exc:
+        source = f" with weights {os.fspath(weights)!r}" if weights is not None else ""
+        raise ConversionError(f"timm could not create {name!r}{source}: {exc}") from exc
+
+
+def classifier_path(model: nn.Module, traced_default: str | None) -> str | None:
+    """timm's ``get_classifier()`` if the model has one with weights, else the output layer."""
+    getter = getattr(model, "get_classifier", None)
+    if callable(getter):
+        try:
+            classifier = getter()
+        except Exception:  # some models' get_classifier needs arguments or fails; fall back
+            classifier = None
+        if isinstance(classifier, nn.Module) and any(True for _ in classifier.parameters()):
+            for path, module in model.named_modules():
+                if module is classifier:
+                    return path
+    return traced_default
+
+
+def convert(model: nn.Module | str, num_tasks: int, *, num_classes: int | Sequence[int] | None = None,
+            mask_init: str = "normal", head: str | bool | None = None, loose: str = "task",
+            include: Sequence[str] | None = None, exclude: Sequence[str] | None = None,
+            weights: str | os.PathLike | None = None, **timm_kwargs: Any) -> HATNetwork:
+    """Convert ``model`` (an ``nn.Module`` or a timm model name) into a HAT network.
+
+    Args:
+        num_tasks: how many tasks the network will learn (one gate row and copy per task).
+        num_classes: classes of the head, an int or one per task (task-incremental heads).
+        mask_init: task embedding initialisation, ``normal`` N(0,1), ``uniform`` U(-1,1) or
+            ``dense`` (every unit open: the converted model computes what the original did).
+        head: module path of the classifier; ``None`` finds it (timm's ``get_classifier()``,
+            else the last weighted layer before the output); ``False``: no task-indexed head.
+        loose: ``task`` gives parameters the graph reads directly (``pos_embed``, ``cls_token``,
+            layer-scale ``gamma``) and leaves with hidden weights one copy per task; ``freeze``
+            keeps one copy that is frozen once task 0 ends.
+        include, exclude: module-path patterns (fnmatch) choosing which layers are gated.
+        weights: local file of pretrained weights for a timm model name.
+        timm_kwargs: passed to ``timm.create_model`` when ``model`` is a name.
+
+    The caller's model is never modified; the conversion works on a copy.
+    """
+    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
+        raise ConversionError(f"num_tasks must be an int >= 1, got {num_tasks!r}")
+    if mask_init not in CONVERSION_MASK_INITS:
+        raise ConversionError(f"unknown mask_init {mask_init!r}; choose one of "
+                              f"{', '.join(CONVERSION_MASK_INITS)} (begin_task also takes "
+                              f"{', '.join(m for m in MASK_INITS if m not in CONVERSION_MASK_INITS)})")
+    if loose not in LOOSE_POLICIES:
+        raise ConversionError(f"unknown loose policy {loose!r}; choose one of {', '.join(LOOSE_POLICIES)}")
+    head_classes = check_num_classes(num_classes, num_tasks)
+
+    if isinstance(model, str):
+        name = model
+        model = create_timm_model(name, num_classes=head_classes[0] if head_classes else None,
+                                  weights=weights, **timm_kwargs)
+        source: dict[str, Any] = {"kind": "timm", "name": name, "kwargs": dict(timm_kwargs)}
+    elif isinstance(model, nn.Module):
+        if weights is not None or timm_kwargs:
+            raise ConversionError("weights and timm keyword arguments apply to a timm model name; "
+                                  "for an nn.Module, load its weights before converting")
+        name = type(model).__name__
+        source = {"kind": "custom", "class": name}
+    else:
+        raise ConversionError(f"convert expects an nn.Module or a timm model name, "
+                              f"got {type(model).__name__}")
+
+    gm = trace(model, name)
+    if head is False:
+        head_path = None
+        if head_classes is not None:
+            raise ConversionError("num_classes needs a head; do not pass head=False with it")
+    elif isinstance(head, str):
+        head_path = head
+    elif head is None or head is True:
+        head_path = classifier_path(model, find_output_layer(gm))
+    else:
+        raise ConversionError(f"head must be a module path, None or False, got {head!r}")
+    if head_classes is not None and head_path is None:
+        raise ConversionError(f"{name} has no classifier layer to give num_classes to; "
+                              "name one with head='module.path'")
+
+    original_params = sum(p.numel() for p in model.parameters())
+    layout = rewrite(gm, num_tasks, head=head_path, head_classes=head_classes, mask_init=mask_init,
+                     loose=loose, include=list(include) if include else None,
+                     exclude=list(exclude) if exclude else None)
+    if not layout.gated:
+        raise ConversionError(
+            f"no layer of {name} was gated: nothing matched include={list(include or [])} "
+            f"exclude={list(exclude or [])} among its Linear/Conv layers")
+    report = ConversionReport(layout, num_tasks, original_params,
+                              sum(p.numel() for p in gm.parameters()),
+                              classify_tensors(gm, layout))
+    config = dict(num_tasks=num_tasks, num_classes=head_classes, mask_init=mask_init,
+                  head=head_path, loose=loose, include=list(include or []),
+                  exclude=list(exclude or []), source=source)
+    return HATNetwork(gm, layout, report, num_tasks, config)
+
+
+def check_num_classes(num_classes: int | Sequence[int] | None, num_tasks: int) -> list[int] | None:
+    """One class count per task, or None to keep the model's head as it is."""
+    if num_classes is None:
+        return None
+    if isinstance(num_classes, int) and not isinstance(num_classes, bool):
+        counts = [num_classes] * num_tasks
+    elif isinstance(num_classes, (list, tuple)):
+        counts = list(num_classes)
+        if len(counts) != num_tasks:
+            raise ConversionError(f"num_classes has {len(counts)} entries but num_tasks is "
+                                  f"{num_tasks}: give one class count per task")
+    else:
+        raise ConversionError(f"num_classes must be an int or a list of ints, got {num_classes!r}")
+    bad = [c for c in counts if isinstance(c, bool) or not isinstance(c, int) or c < 1]
+    if bad:
+        raise ConversionError(f"num_classes entries must be ints >= 1, got {bad}")
+    return counts

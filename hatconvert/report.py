@@ -1,0 +1,97 @@
+"""The conversion report: what became what, and proof that no parameter was left outside."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .rewrite import GATES, Layout
+
+CATEGORIES = ("gated", "embedding", "task-indexed", "frozen", "constant")
+
+
+@dataclass
+class ConversionReport:
+    """Every parameter and buffer of a converted network, by category, plus the layer lists."""
+
+    layout: Layout
+    num_tasks: int
+    original_params: int
+    converted_params: int
+    tensors: dict[str, str] = field(default_factory=dict)  # name in the graph module -> category
+
+    @property
+    def overhead_percent(self) -> float:
+        return 100.0 * (self.converted_params - self.original_params) / max(self.original_params, 1)
+
+    def count(self, category: str) -> int:
+        return sum(1 for c in self.tensors.values() if c == category)
+
+    def __str__(self) -> str:
+        lay = self.layout
+        lines = [f"HAT conversion: {self.num_tasks} tasks",
+                 f"  gated layers ({len(lay.gated)}):"]
+        for g in lay.gated.values():
+            behind = f", gate after norm {g.norm}" if g.norm else ""
+            lines.append(f"    {g.path}: {g.units} units{behind}")
+        sections = [
+            ("task-indexed norms", lay.norms),
+            ("task-indexed heads", lay.heads),
+            ("task-indexed leaves (weights hidden inside)", lay.task_leaves),
+            ("frozen leaves (weights hidden inside, frozen after task 0)", lay.frozen_leaves),
+            ("task-indexed parameters", list(lay.task_params)),
+            ("frozen parameters (frozen after task 0)", lay.frozen_params + lay.frozen_in_gated),
+            ("constant buffers read by the graph", lay.constant_buffers),
+        ]
+        for title, items in sections:
+            if items:
+                lines.append(f"  {title} ({len(items)}): " + ", ".join(items))
+        counts = ", ".join(f"{c} {self.count(c)}" for c in CATEGORIES)
+        lines.append(f"  tensors: {counts}; unaccounted 0")
+        lines.append(f"  parameters: {self.original_params:,} -> {self.converted_params:,} "
+                     f"(+{self.overhead_percent:.2f}%)")
+        return "\n".join(lines)
+
+
+def classify_tensors(gm: nn.Module, layout: Layout) -> dict[str, str]:
+    """Put every parameter and buffer of ``gm`` in one category; raise on one left outside.
+
+    This is the "nothing outside the system" check: it runs at every conversion.
+    """
+    prefixes: list[tuple[str, str]] = []
+    for path in layout.gated:
+        prefixes += [(f"{path}.weight", "gated"), (f"{path}.bias", "gated")]
+    prefixes += [(f"{GATES}.", "embedding")]
+    for path in layout.norms + layout.heads + layout.task_leaves:
+        prefixes.append((f"{path}.copies.", "task-indexed"))
+    for new_path in layout.task_params.values():
+        prefixes.append((f"{new_path}.copies.", "task-indexed"))
+    for path in layout.frozen_leaves:
+        prefixes.append((f"{path}.", "frozen"))
+    for name in layout.frozen_params + layout.frozen_in_gated:
+        prefixes.append((name, "frozen"))
+    for name in layout.constant_buffers:
+        prefixes.append((name, "constant"))
+
+    def category(name: str) -> str | None:
+        for prefix, cat in prefixes:
+            if name == prefix or (prefix.endswith(".") and name.startswith(prefix)):
+                return cat
+        return None
+
+    tensors: dict[str, str] = {}
+    unaccounted = []
+    named = list(gm.named_parameters(remove_duplicate=False)) + list(
+        gm.named_buffers(remove_duplicate=False))
+    for name, _ in named:
+        cat = category(name)
+        if cat is None:
+            unaccounted.append(name)
+        else:
+            tensors[name] = cat
+    if unaccounted:
+        from .errors import ConversionError
+        raise ConversionError("conversion left tensors outside the HAT system (neither gated, "
+                              "task-indexed nor frozen): " + ", ".join(unaccounted))
+    return tensors
