@@ -8,9 +8,8 @@ CPU kernels downstream an order of magnitude slower, and no global flush setting
 
 from __future__ import annotations
 
-import math
-
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 MASK_INITS = ("normal", "uniform", "U01", "U-10", "dense", "last")
@@ -55,12 +54,11 @@ def hard_gate(embedding: torch.Tensor) -> torch.Tensor:
 
 
 class HATGate(nn.Module):
-    """Task embeddings of one gated layer and the unit-wise multiplication of its output."""
+    """Task embeddings ``(num_tasks, units)`` of one gated layer; ``forward`` gives the gate vector."""
 
-    def __init__(self, num_tasks: int, units: int, unit_dim: int, mask_init: str = "normal",
+    def __init__(self, num_tasks: int, units: int, mask_init: str = "normal",
                  device: torch.device | None = None):
         super().__init__()
-        self.unit_dim = unit_dim
         self.embedding = nn.Parameter(torch.empty(num_tasks, units, device=device))
         for t in range(num_tasks):
             init_embedding_(self.embedding[t], "normal" if mask_init == "last" else mask_init)
@@ -69,22 +67,62 @@ class HATGate(nn.Module):
     def units(self) -> int:
         return self.embedding.shape[1]
 
-    def mask(self, task_id: int, mask_scale: float | torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, task_id: int, mask_scale: float | torch.Tensor | None = None) -> torch.Tensor:
         """The gate vector ``(units,)`` of ``task_id``: soft with a mask scale, hard without."""
         e = self.embedding[task_id]
         return hard_gate(e) if mask_scale is None else soft_gate(e, mask_scale)
 
-    def forward(self, x: torch.Tensor, task_id: int,
-                mask_scale: float | torch.Tensor | None = None) -> torch.Tensor:
-        m = self.mask(task_id, mask_scale).to(x.dtype)
-        shape = [1] * x.ndim
-        shape[self.unit_dim] = self.units
-        return x * m.view(shape)
+    mask = forward
 
     def extra_repr(self) -> str:
-        return f"tasks={self.embedding.shape[0]}, units={self.units}, unit_dim={self.unit_dim}"
+        return f"tasks={self.embedding.shape[0]}, units={self.units}"
 
 
-def sigmoid_floor_scale() -> float:
-    """Largest ``|s*e|`` below which the soft gate stays above ``GATE_FLOOR`` (for docs/tests)."""
-    return math.log(1.0 / GATE_FLOOR - 1.0)
+# How a gate reaches a layer's output. All three compute ``gate * layer(x)`` (behind the norm
+# where one follows); folding the gate into a weight or a norm's affine touches a weight-sized
+# tensor instead of the activation, which keeps the overhead of a HAT network small.
+GATE_ON_OUTPUT = "output"        # multiply the output (any layer, any norm subclass)
+GATE_IN_WEIGHT = "weight"        # scale rows of weight and bias (exact nn.Linear / nn.ConvNd)
+GATE_IN_NORM = "norm"            # scale the affine of the exact BatchNorm that follows
+
+
+def can_fold_into_weight(layer: nn.Module) -> bool:
+    return type(layer) in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def can_fold_into_norm(norm: nn.Module) -> bool:
+    return type(norm) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) and norm.affine
+
+
+def apply_gate(x: torch.Tensor, gate: torch.Tensor, unit_dim: int) -> torch.Tensor:
+    """``x`` times ``gate`` along ``unit_dim``."""
+    shape = [1] * x.ndim
+    shape[unit_dim] = gate.shape[0]
+    return x * gate.to(x.dtype).view(shape)
+
+
+def gated_layer(x: torch.Tensor, layer: nn.Module, gate: torch.Tensor) -> torch.Tensor:
+    """``gate * layer(x)`` for an exact Linear or ConvNd, with the gate folded into its rows."""
+    g = gate.to(layer.weight.dtype)
+    weight = layer.weight * g.view(-1, *([1] * (layer.weight.ndim - 1)))
+    bias = None if layer.bias is None else layer.bias * g
+    if isinstance(layer, nn.Linear):
+        return F.linear(x, weight, bias)
+    return layer._conv_forward(x, weight, bias)
+
+
+def gated_batch_norm(bn: nn.Module, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``gate * bn(x)`` for an exact affine BatchNorm, with the gate folded into its affine.
+
+    Mirrors ``_BatchNorm.forward`` (running statistics, momentum, ``num_batches_tracked``).
+    """
+    bn._check_input_dim(x)
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
+    track = not bn.training or bn.track_running_stats
+    g = gate.to(bn.weight.dtype)
+    return F.batch_norm(x, bn.running_mean if track else None, bn.running_var if track else None,
+                        bn.weight * g, bn.bias * g, use_batch, factor, bn.eps)

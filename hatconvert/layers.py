@@ -15,6 +15,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+from .gates import gated_batch_norm
+
 GATABLE_TYPES: tuple[type, ...] = (nn.Linear, _ConvNd)
 NORM_TYPES: tuple[type, ...] = (_BatchNorm, _InstanceNorm, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 
@@ -59,8 +61,12 @@ class TaskIndexed(nn.Module):
             copies = [copy.deepcopy(module) for _ in range(num_tasks)]
         self.copies = nn.ModuleList(copies)
 
-    def forward(self, *args: Any, task_id: int, **kwargs: Any) -> Any:
-        return self.copies[task_id](*args, **kwargs)
+    def forward(self, *args: Any, task_id: int, gate: torch.Tensor | None = None,
+                **kwargs: Any) -> Any:
+        module = self.copies[task_id]
+        if gate is not None:  # only set for exact BatchNorms (see gates.GATE_IN_NORM)
+            return gated_batch_norm(module, args[0], gate)
+        return module(*args, **kwargs)
 
 
 class TaskParameter(nn.Module):

@@ -33,8 +33,10 @@ class ConversionReport:
         lines = [f"HAT conversion: {self.num_tasks} tasks",
                  f"  gated layers ({len(lay.gated)}):"]
         for g in lay.gated.values():
-            behind = f", gate after norm {g.norm}" if g.norm else ""
-            lines.append(f"    {g.path}: {g.units} units{behind}")
+            where = {"norm": f"folded into the affine of norm {g.norm}",
+                     "weight": "folded into its weight rows",
+                     "output": f"on the output of norm {g.norm}" if g.norm else "on its output"}
+            lines.append(f"    {g.path} ({g.units} units): gate {where[g.mode]}")
         sections = [
             ("task-indexed norms", lay.norms),
             ("task-indexed heads", lay.heads),

@@ -16,7 +16,8 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import ConversionError
-from .gates import HATGate
+from .gates import (GATE_IN_NORM, GATE_IN_WEIGHT, GATE_ON_OUTPUT, HATGate, apply_gate,
+                    can_fold_into_norm, can_fold_into_weight, gated_layer)
 from .layers import TaskIndexed, TaskParameter, is_gatable, is_norm, output_units, unit_dim
 
 GATES = "hat_gates"
@@ -32,6 +33,7 @@ class GatedLayer:
     units: int
     unit_dim: int
     norm: str | None = None
+    mode: str = "output"
 
 
 @dataclass
@@ -139,24 +141,50 @@ def task_index_calls(gm: fx.GraphModule, target: str, module: nn.Module, task: f
         node.kwargs = {**node.kwargs, "task_id": task}
 
 
-def gate_site(node: fx.Node, norms: set[str], calls: dict[str, list[fx.Node]],
-              gm: fx.GraphModule) -> fx.Node:
-    """Where the gate of a layer call goes: after a norm that alone consumes it, else after it."""
+def following_norm(node: fx.Node, norms: set[str], calls: dict[str, list[fx.Node]]) -> fx.Node | None:
+    """The norm call that alone consumes this layer call's output, if there is one.
+
+    The gate then goes behind the norm: a norm turns a zeroed channel back into a constant.
+    """
     users = list(node.users)
     if len(users) == 1:
         user = users[0]
         if (user.op == "call_module" and user.target in norms and len(calls[user.target]) == 1
                 and user.args and user.args[0] is node):
             return user
-    return node
+    return None
 
 
-def insert_gate(graph: fx.Graph, site: fx.Node, gate_path: str, task: fx.Node,
-                scale: fx.Node) -> fx.Node:
+def gate_output(graph: fx.Graph, site: fx.Node, gate: fx.Node, dim: int) -> None:
+    """Multiply the output of ``site`` by ``gate`` and make every user read the product."""
     with graph.inserting_after(site):
-        gated = graph.call_module(gate_path, (site, task, scale))
+        gated = graph.call_function(apply_gate, (site, gate, dim))
     site.replace_all_uses_with(gated, delete_user_cb=lambda user: user is not gated)
-    return gated
+
+
+def gate_call(gm: fx.GraphModule, node: fx.Node, gate_path: str, dim: int, norms: set[str],
+              calls: dict[str, list[fx.Node]], task: fx.Node, scale: fx.Node) -> tuple[str, str | None]:
+    """Gate one call of a layer; return how (a ``GATE_*`` mode) and behind which norm."""
+    graph = gm.graph
+    with graph.inserting_before(node):
+        gate = graph.call_module(gate_path, (task, scale))
+    norm = following_norm(node, norms, calls)
+    if norm is not None:
+        if can_fold_into_norm(gm.get_submodule(norm.target)):
+            norm.kwargs = {**norm.kwargs, "gate": gate}
+            return GATE_IN_NORM, norm.target
+        gate_output(graph, norm, gate, dim)
+        return GATE_ON_OUTPUT, norm.target
+    if can_fold_into_weight(gm.get_submodule(node.target)) and len(node.args) == 1 \
+            and not node.kwargs:
+        with graph.inserting_before(node):
+            layer = graph.get_attr(node.target)
+            folded = graph.call_function(gated_layer, (node.args[0], layer, gate))
+        node.replace_all_uses_with(folded)
+        graph.erase_node(node)
+        return GATE_IN_WEIGHT, None
+    gate_output(graph, node, gate, dim)
+    return GATE_ON_OUTPUT, None
 
 
 def rewrite(gm: fx.GraphModule, num_tasks: int, *, head: str | None,
@@ -194,23 +222,21 @@ def rewrite(gm: fx.GraphModule, num_tasks: int, *, head: str | None,
         task_index_calls(gm, head, TaskIndexed(original, num_tasks, copies), task)
         layout.heads.append(head)
 
+    # Loose parameters first: the gating below adds get_attr nodes of its own.
+    index_loose_attributes(gm, num_tasks, loose, task, layout)
     norm_set = set(norm_targets)
     gates_root = nn.Module()
     gm.add_module(GATES, gates_root)
     for target in gated_targets:
         module = gm.get_submodule(target)
         name = unique_name(gates_root, target)
-        weight = getattr(module, "weight", None)
-        gates_root.add_module(name, HATGate(num_tasks, output_units(module), unit_dim(module),
-                                            mask_init, device=None if weight is None else weight.device))
-        norm = None
+        gates_root.add_module(name, HATGate(num_tasks, output_units(module), mask_init,
+                                            device=module.weight.device))
+        dim = unit_dim(module)
         for node in calls[target]:
-            site = gate_site(node, norm_set, calls, gm)
-            if site is not node:
-                norm = site.target
-            insert_gate(graph, site, f"{GATES}.{name}", task, scale)
-        layout.gated[target] = GatedLayer(target, f"{GATES}.{name}", output_units(module),
-                                          unit_dim(module), norm)
+            mode, norm = gate_call(gm, node, f"{GATES}.{name}", dim, norm_set, calls, task, scale)
+        layout.gated[target] = GatedLayer(target, f"{GATES}.{name}", output_units(module), dim,
+                                          norm, mode)
         layout.frozen_in_gated += [f"{target}.{n}" for n, _ in module.named_parameters()
                                    if n not in ("weight", "bias")]
 
@@ -218,7 +244,6 @@ def rewrite(gm: fx.GraphModule, num_tasks: int, *, head: str | None,
         task_index_calls(gm, target, TaskIndexed(gm.get_submodule(target), num_tasks), task)
         layout.norms.append(target)
 
-    index_loose_attributes(gm, num_tasks, loose, task, layout)
     graph.lint()
     gm.recompile()
     gm.delete_all_unused_submodules()

@@ -60,6 +60,7 @@ class HATTracer(fx.Tracer):
         super().__init__(autowrap_functions=timm_functions + tuple(_user_leaf_functions))
         self._leaf_classes = timm_modules + tuple(_user_leaf_modules)
         self.module_stack_paths: list[str] = []
+        self.failed_in: str | None = None  # innermost module path when tracing raised
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if is_gatable(m) or is_norm(m) or isinstance(m, self._leaf_classes):
@@ -71,6 +72,10 @@ class HATTracer(fx.Tracer):
         self.module_stack_paths.append(self.path_of_module(m))
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = self.module_stack_paths[-1]
+            raise
         finally:
             self.module_stack_paths.pop()
 
@@ -92,17 +97,17 @@ def trace(model: nn.Module, model_name: str = "model") -> fx.GraphModule:
     try:
         graph = tracer.trace(root)
     except Exception as exc:  # fx raises many kinds; all become one clear error
-        stack = list(tracer.module_stack_paths)
-        path = stack[-1] if stack else ""
-        where = f"module '{path}' ({type(root.get_submodule(path)).__name__})" if path else (
-            f"the top-level forward of {type(root).__name__}")
-        cls_name = type(root.get_submodule(path)).__name__ if path else None
-        hint = (f"hatconvert.register_leaf_module({cls_name}) to keep it whole"
-                if cls_name else "hatconvert.register_leaf_function(fn) for the function that breaks")
+        path = tracer.failed_in or ""
+        if path:
+            cls_name = type(root.get_submodule(path)).__name__
+            where = f"module '{path}' ({cls_name})"
+            hint = (f"hatconvert.register_leaf_module({cls_name}) to keep that module whole, or "
+                    f"hatconvert.register_leaf_function(fn) for the function that breaks")
+        else:
+            where = f"the top-level forward of {type(root).__name__}"
+            hint = "hatconvert.register_leaf_function(fn) for the function that breaks"
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise ConversionError(
             f"cannot trace {model_name}: tracing broke inside {where}, in {_user_frame(exc)}: "
-            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}. "
-            f"Register {hint}, or register the function that breaks with "
-            f"hatconvert.register_leaf_function."
-        ) from exc
+            f"{type(exc).__name__}: {detail}. Register {hint}.") from exc
     return fx.GraphModule(root, graph, class_name=type(root).__name__)

@@ -1,0 +1,88 @@
+"""Cost of a HAT network against the plain model, measured side by side in one run.
+
+For timm resnet18 and vit_tiny_patch16_224 at batch 32 on CPU, prints the median time of a
+training step (forward, backward, SGD step) at mask scales 1, 50 and 400, and of eval inference
+with hard gates, each as a ratio converted / plain. Runs alternate between the two models so
+that drifting machine load hits both alike.
+
+    python benchmarks/overhead.py [--models resnet18 vit_tiny_patch16_224] [--batch 32] [--reps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import timm
+import torch
+import torch.nn.functional as F
+
+import hatconvert
+
+
+def timed(fn, reps: int) -> list[float]:
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def train_step(model, x, y, opt, **kw):
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x, **kw), y)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def infer(model, x, **kw):
+    def run():
+        with torch.inference_mode():
+            model(x, **kw)
+    return run
+
+
+def side_by_side(plain_fn, hat_fn, reps: int) -> tuple[float, float]:
+    plain_fn(), hat_fn()  # warm-up
+    plain, hat = [], []
+    for _ in range(reps):
+        plain += timed(plain_fn, 1)
+        hat += timed(hat_fn, 1)
+    return statistics.median(plain), statistics.median(hat)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["resnet18", "vit_tiny_patch16_224"])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--reps", type=int, default=5)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}")
+    print(f"{'model':<24}{'measure':<22}{'plain ms':>10}{'HAT ms':>10}{'ratio':>8}")
+    for name in args.models:
+        plain = timm.create_model(name, num_classes=10)
+        net = hatconvert.convert(plain, num_tasks=5)
+        x = torch.randn(args.batch, 3, 224, 224)
+        y = torch.randint(0, 10, (args.batch,))
+        plain.train(), net.train()
+        opt_p = torch.optim.SGD(plain.parameters(), lr=1e-3)
+        opt_h = torch.optim.SGD(net.parameters(), lr=1e-3)
+        rows = []
+        for s in (1.0, 50.0, 400.0):
+            rows.append((f"train step s={s:g}", *side_by_side(
+                train_step(plain, x, y, opt_p), train_step(net, x, y, opt_h, task_id=1,
+                                                           mask_scale=s), args.reps)))
+        plain.eval(), net.eval()
+        rows.append(("eval hard gates", *side_by_side(infer(plain, x), infer(net, x, task_id=1),
+                                                      args.reps)))
+        for label, tp, th in rows:
+            print(f"{name:<24}{label:<22}{tp * 1e3:>10.1f}{th * 1e3:>10.1f}{th / tp:>8.3f}")
+
+
+if __name__ == "__main__":
+    main()
