@@ -3,9 +3,11 @@
 from .convert import convert
 from .errors import ConversionError, HATError, TaskError
 from .network import HATNetwork
+from .schedules import mask_scale
+from .training import train_task
 from .tracing import register_leaf_function, register_leaf_module
 
 __version__ = "0.1.0"
 
 __all__ = ["convert", "HATNetwork", "ConversionError", "TaskError", "HATError",
-           "register_leaf_module", "register_leaf_function", "__version__"]
+           "register_leaf_module", "register_leaf_function", "mask_scale", "train_task", "__version__"]

@@ -60,6 +60,8 @@ class HATGate(nn.Module):
                  device: torch.device | None = None):
         super().__init__()
         self.embedding = nn.Parameter(torch.empty(num_tasks, units, device=device))
+        # binary mask m[t] stored when task t ends (rows of untrained tasks stay 0)
+        self.register_buffer("task_masks", torch.zeros(num_tasks, units, device=device))
         for t in range(num_tasks):
             init_embedding_(self.embedding[t], "normal" if mask_init == "last" else mask_init)
 
@@ -73,6 +75,12 @@ class HATGate(nn.Module):
         return hard_gate(e) if mask_scale is None else soft_gate(e, mask_scale)
 
     mask = forward
+
+    def cumulative(self, tasks: list[int]) -> torch.Tensor:
+        """``max`` of the stored masks of ``tasks`` (zeros for no task): which units they use."""
+        if not tasks:
+            return torch.zeros_like(self.task_masks[0])
+        return self.task_masks[tasks].amax(dim=0)
 
     def extra_repr(self) -> str:
         return f"tasks={self.embedding.shape[0]}, units={self.units}"

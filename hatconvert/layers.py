@@ -31,6 +31,18 @@ def is_norm(module: nn.Module) -> bool:
     return isinstance(module, NORM_TYPES)
 
 
+def normalizes_each_unit(norm: nn.Module) -> bool:
+    """True when the norm's statistics never mix units (channels): BatchNorm, InstanceNorm,
+    GroupNorm with one channel per group.
+
+    Only behind such a norm can a gate sit: behind LayerNorm or grouped GroupNorm, the units a
+    task leaves free would still move the statistics of the units it uses.
+    """
+    if isinstance(norm, (_BatchNorm, _InstanceNorm)):
+        return True
+    return isinstance(norm, nn.GroupNorm) and norm.num_groups == norm.num_channels
+
+
 def output_units(module: nn.Module) -> int:
     """Number of output units a gate of this layer has."""
     if isinstance(module, nn.Linear):

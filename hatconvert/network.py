@@ -1,4 +1,4 @@
-"""The converted network: a rewritten graph module plus the task bookkeeping around it."""
+"""The converted network: a rewritten graph module plus the task lifecycle around it."""
 
 from __future__ import annotations
 
@@ -9,8 +9,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import TaskError
-from .gates import HATGate
+from .errors import HATError, TaskError
+from .gates import MASK_INITS, HATGate, init_embedding_, soft_gate
+from .propagation import input_masks
+from .protection import (ADJUSTMENTS, EMBEDDING_CLAMP, Guard, adjustment_rate, compensate, hold,
+                         weight_protection)
 from .report import ConversionReport
 from .rewrite import Layout
 
@@ -21,6 +24,7 @@ class HATNetwork(nn.Module):
     ``mask_scale=None`` gives hard 0/1 gates (inference); a positive mask scale gives the soft
     gates ``sigmoid(s * e)`` used while training. ``net.model`` is the rewritten graph module;
     its submodules keep the original paths, so ``net.model.layer1[0].conv1`` is the same layer.
+    Train task ``t`` between ``begin_task(t)`` and ``end_task()``; earlier tasks stay bit-exact.
     """
 
     def __init__(self, model: fx.GraphModule, layout: Layout, report: ConversionReport,
@@ -31,13 +35,39 @@ class HATNetwork(nn.Module):
         self.num_tasks = num_tasks
         self.config = config
         self._report = report
+        self.register_buffer("trained", torch.zeros(num_tasks, dtype=torch.bool))
+        self.active_task: int | None = None
+        self._options: dict[str, Any] = {}
+        self._guard: Guard | None = None
+        self._needs_arming = False
+        self._example: torch.Tensor | None = None  # one input sample: shapes for propagation
+        self._last_scale: float | None = None
 
+    # -- forward ---------------------------------------------------------------------------
     def forward(self, x: Any, task_id: int | torch.Tensor,
                 mask_scale: float | torch.Tensor | None = None, **inputs: Any) -> Any:
         t = self.check_task_id(task_id)
         if mask_scale is not None:
             check_mask_scale(mask_scale)
+        if self.training and torch.is_grad_enabled():
+            self._check_training_forward(t, mask_scale)
+            self._last_scale = None if mask_scale is None else float(mask_scale)
+        if self._example is None and isinstance(x, torch.Tensor):
+            self._example = x[:1].detach().clone()
+        if self._needs_arming:
+            self._arm()
         return self.model(x, **inputs, task_id=t, mask_scale=mask_scale)
+
+    def _check_training_forward(self, t: int, mask_scale: Any) -> None:
+        if self.active_task is None:
+            if mask_scale is not None and bool(self.trained.any()):
+                raise TaskError(
+                    f"training forward for task {t} with no active task: call begin_task({t}) "
+                    "first so that trained tasks stay protected (or net.eval() to evaluate)")
+        elif t != self.active_task and bool(self.trained[t]):
+            raise TaskError(
+                f"task {self.active_task} is being trained; a training-mode forward of trained "
+                f"task {t} would change its norm statistics: use net.eval() to evaluate it")
 
     def check_task_id(self, task_id: Any) -> int:
         """``task_id`` as a Python int in ``[0, num_tasks)``, or a ``TaskError`` that says why."""
@@ -55,6 +85,218 @@ class HATNetwork(nn.Module):
                             f"{self.num_tasks} tasks (0 to {self.num_tasks - 1})")
         return task_id
 
+    # -- the task lifecycle ----------------------------------------------------------------
+    def begin_task(self, task_id: int, *, mask_init: str | None = None, adjustment: str = "hat",
+                   alpha: float | None = None, s_max: float = 400.0, retrain: bool = False) -> None:
+        """Start training ``task_id``: initialise its embeddings and protect every trained task.
+
+        ``mask_init``: ``normal``, ``uniform``, ``U01``, ``U-10``, ``last`` (copy the previous
+        task's) or ``dense``; default: the conversion's. ``adjustment``: ``hat`` (default),
+        ``hat_random``, ``hat_const_alpha`` (needs ``alpha``) or ``hat_const_1`` (no
+        protection of gated weights). ``s_max`` is the one the mask-scale schedule uses.
+        """
+        t = self.check_task_id(task_id)
+        if self.active_task is not None:
+            raise TaskError(f"task {self.active_task} is still active: call end_task() "
+                            f"before begin_task({t})")
+        if bool(self.trained[t]) and not retrain:
+            raise TaskError(f"task {t} is already trained; begin_task({t}, retrain=True) trains "
+                            "it again and replaces what it learned")
+        mode = mask_init or self.config["mask_init"]
+        if mode not in MASK_INITS:
+            raise ValueError(f"unknown mask_init {mode!r}; choose one of {', '.join(MASK_INITS)}")
+        if adjustment not in ADJUSTMENTS:
+            raise ValueError(f"unknown adjustment {adjustment!r}; choose one of "
+                             f"{', '.join(ADJUSTMENTS)}")
+        if adjustment == "hat_const_alpha" and not (isinstance(alpha, (int, float))
+                                                     and 0 <= alpha <= 1):
+            raise ValueError(f"adjustment 'hat_const_alpha' needs alpha in [0, 1], got {alpha!r}")
+        if not (isinstance(s_max, (int, float)) and math.isfinite(s_max) and s_max > 0):
+            raise ValueError(f"s_max must be a positive number, got {s_max!r}")
+        for gate in self.gates().values():
+            previous = gate.embedding[t - 1].detach() if t > 0 else None
+            init_embedding_(gate.embedding[t], mode, previous)
+        self.active_task = t
+        self._options = dict(adjustment=adjustment, alpha=alpha, s_max=float(s_max))
+        self._needs_arming = True
+        if self._example is not None:
+            self._arm()
+
+    def end_task(self) -> None:
+        """Store the active task's binary masks, mark it trained and lift its protection."""
+        if self.active_task is None:
+            raise TaskError("end_task() without begin_task(): no task is being trained")
+        t = self.active_task
+        with torch.no_grad():
+            for gate in self.gates().values():
+                gate.task_masks[t] = (gate.embedding[t] > 0).to(gate.task_masks.dtype)
+            self.trained[t] = True
+        self._disarm()
+        self.active_task = None
+        self.train(self.training)  # frozen leaves go to eval mode once a task is trained
+
+    def trained_tasks(self, excluding: int | None = None) -> list[int]:
+        return [t for t in range(self.num_tasks) if bool(self.trained[t]) and t != excluding]
+
+    def _arm(self) -> None:
+        """Install gradient hooks and the step guard for the active task."""
+        self._disarm()
+        self._needs_arming = False
+        t, opts = self.active_task, self._options
+        others = self.trained_tasks(excluding=t)
+        guard = Guard(self.parameters(), after_step=self._clamp_active_embeddings)
+        gates = self.gates()
+        if others and opts["adjustment"] != "hat_const_1":
+            out = {path: gate.cumulative(others) for path, gate in gates.items()}
+            inputs = self._input_masks(out, t)
+            for path, info in self.layout.gated.items():
+                layer = self.model.get_submodule(path)
+                protect_w, protect_b = weight_protection(layer, out[path], inputs[path])
+                for param, protect in ((layer.weight, protect_w), (layer.bias, protect_b)):
+                    if param is None or not bool(protect.any()):
+                        continue
+                    guard.handles.append(param.register_hook(
+                        self._rate_hook(protect, opts["adjustment"], opts["alpha"])))
+                    if opts["adjustment"] == "hat":
+                        guard.held.append(hold(param, protect.bool()))
+        rows = torch.zeros(self.num_tasks, dtype=torch.bool)
+        rows[others] = True
+        for gate in gates.values():
+            guard.held.append(hold(gate.embedding, rows.to(gate.embedding.device)[:, None]
+                                   .expand_as(gate.embedding)))
+            guard.handles.append(gate.embedding.register_hook(self._compensation_hook(gate)))
+        for tensor in self._held_whole(others):
+            guard.held.append(hold(tensor))
+        guard.held = [h for h in guard.held if h is not None]
+        guard.arm()
+        self._guard = guard
+
+    def _held_whole(self, others: list[int]) -> list[torch.Tensor]:
+        """Tensors other trained tasks own outright: their copies, and frozen tensors."""
+        tensors = []
+        for path in self.layout.norms + self.layout.heads + self.layout.task_leaves:
+            copies = self.model.get_submodule(path).copies
+            for o in others:
+                tensors += list(copies[o].parameters()) + [
+                    b for b in copies[o].buffers() if b.is_floating_point()]
+        for new_path in self.layout.task_params.values():
+            copies = self.model.get_submodule(new_path).copies
+            tensors += [copies[o] for o in others]
+        if others:
+            for path in self.layout.frozen_leaves:
+                module = self.model.get_submodule(path)
+                tensors += list(module.parameters()) + [
+                    b for b in module.buffers() if b.is_floating_point()]
+            for name in self.layout.frozen_params + self.layout.frozen_in_gated:
+                tensors.append(self.model.get_parameter(name))
+        return tensors
+
+    def _disarm(self) -> None:
+        if self._guard is not None:
+            self._guard.disarm()
+            self._guard = None
+
+    def _rate_hook(self, protect: torch.Tensor, mode: str, alpha: float | None):
+        fixed = None if mode == "hat_random" else adjustment_rate(protect, mode, alpha)
+
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            rate = fixed if fixed is not None else adjustment_rate(protect, mode, alpha)
+            return grad * rate.to(grad.dtype)
+        return hook
+
+    def _compensation_hook(self, gate: HATGate):
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            if self._last_scale is None:
+                return grad
+            return compensate(grad, gate.embedding, self._last_scale, self._options["s_max"])
+        return hook
+
+    def _clamp_active_embeddings(self) -> None:
+        t = self.active_task
+        for gate in self.gates().values():
+            gate.embedding.data[t].clamp_(-EMBEDDING_CLAMP, EMBEDDING_CLAMP)
+
+    def _input_masks(self, out_masks: dict[str, torch.Tensor], task_id: int
+                     ) -> dict[str, torch.Tensor]:
+        if self._example is None:
+            raise HATError("the network has not seen an input yet: run one forward pass so "
+                           "that masks can be propagated through the graph")
+        masks = input_masks(self.model, self.layout, out_masks, self._example, task_id)
+        for path in self.layout.gated:  # a layer the propagation never reached: fully used
+            if path not in masks:
+                layer = self.model.get_submodule(path)
+                masks[path] = torch.ones(getattr(layer, "in_features", None) or layer.in_channels)
+        return masks
+
+    # -- regularization, capacity, usage ---------------------------------------------------
+    def regularization(self, task_id: int, mask_scale: float, c: float = 0.75,
+                       mode: str = "original") -> torch.Tensor:
+        """``c`` times HAT's sparsity penalty on task ``task_id``'s soft gates at ``mask_scale``.
+
+        ``original``: mean gate value over units no other trained task uses; ``cross`` also
+        rewards reusing the units other tasks use (averages with ``1 - mean gate over them``).
+        """
+        t = self.check_task_id(task_id)
+        check_mask_scale(mask_scale)
+        if mode not in ("original", "cross"):
+            raise ValueError(f"unknown regularization mode {mode!r}; choose original or cross")
+        others = self.trained_tasks(excluding=t)
+        free_sum = free_count = used_sum = used_count = 0.0
+        for gate in self.gates().values():
+            a = soft_gate(gate.embedding[t], mask_scale)
+            used = gate.cumulative(others)
+            free_sum = free_sum + (a * (1 - used)).sum()
+            free_count += float((1 - used).sum())
+            used_sum = used_sum + (a * used).sum()
+            used_count += float(used.sum())
+        reg = free_sum / free_count if free_count else torch.zeros(())
+        if mode == "cross" and used_count:
+            reg = (reg + (1 - used_sum / used_count)) / 2
+        return c * reg
+
+    def layer_capacity(self, tasks: list[int] | None = None) -> dict[str, float]:
+        """Per gated layer, the fraction of weights and biases still free to train.
+
+        Free means the adjustment rate ``1 - min(M_out, M_in)`` of ``tasks`` (default: all
+        trained tasks) is 1.
+        """
+        tasks = self.trained_tasks() if tasks is None else tasks
+        sizes = {p: sum(t.numel() for t in (self.model.get_submodule(p).weight,
+                                             self.model.get_submodule(p).bias) if t is not None)
+                 for p in self.layout.gated}
+        if not tasks:
+            return {path: 1.0 for path in sizes}
+        out = {path: gate.cumulative(tasks) for path, gate in self.gates().items()}
+        inputs = self._input_masks(out, tasks[-1])
+        result = {}
+        for path in self.layout.gated:
+            layer = self.model.get_submodule(path)
+            protect_w, protect_b = weight_protection(layer, out[path], inputs[path])
+            used = protect_w.sum() + (protect_b.sum() if layer.bias is not None else 0)
+            result[path] = 1.0 - float(used) / sizes[path]
+        return result
+
+    def capacity(self, tasks: list[int] | None = None) -> float:
+        """Fraction of all gated weights and biases still free: 1.0 before task 0."""
+        per_layer = self.layer_capacity(tasks)
+        sizes = {p: sum(t.numel() for t in (self.model.get_submodule(p).weight,
+                                             self.model.get_submodule(p).bias) if t is not None)
+                 for p in self.layout.gated}
+        return sum(per_layer[p] * sizes[p] for p in sizes) / sum(sizes.values())
+
+    def mask_usage(self) -> dict[str, list[float | None]]:
+        """Per gated layer and task, the fraction of units the task's stored mask uses."""
+        return {path: [float(gate.task_masks[t].mean()) if bool(self.trained[t]) else None
+                       for t in range(self.num_tasks)] for path, gate in self.gates().items()}
+
+    # -- modules and report ----------------------------------------------------------------
+    def train(self, mode: bool = True) -> "HATNetwork":
+        super().train(mode)
+        if mode and bool(self.trained.any()):
+            for path in self.layout.frozen_leaves:  # frozen once task 0 ended, statistics too
+                self.model.get_submodule(path).eval()
+        return self
+
     def gates(self) -> dict[str, HATGate]:
         """The gate of every gated layer, by the layer's module path."""
         return {path: self.model.get_submodule(g.gate) for path, g in self.layout.gated.items()}
@@ -69,7 +311,8 @@ class HATNetwork(nn.Module):
         return self._report
 
     def extra_repr(self) -> str:
-        return f"num_tasks={self.num_tasks}, gated_layers={len(self.layout.gated)}"
+        trained = self.trained_tasks()
+        return f"num_tasks={self.num_tasks}, gated_layers={len(self.layout.gated)}, trained={trained}"
 
 
 def check_mask_scale(mask_scale: Any) -> None:

@@ -8,7 +8,7 @@ from torch import nn
 
 from .rewrite import GATES, Layout
 
-CATEGORIES = ("gated", "embedding", "task-indexed", "frozen", "constant")
+CATEGORIES = ("gated", "gate", "task-indexed", "frozen", "constant")
 
 
 @dataclass
@@ -64,7 +64,7 @@ def classify_tensors(gm: nn.Module, layout: Layout) -> dict[str, str]:
     prefixes: list[tuple[str, str]] = []
     for path in layout.gated:
         prefixes += [(f"{path}.weight", "gated"), (f"{path}.bias", "gated")]
-    prefixes += [(f"{GATES}.", "embedding")]
+    prefixes += [(f"{GATES}.", "gate")]  # task embeddings and stored masks
     for path in layout.norms + layout.heads + layout.task_leaves:
         prefixes.append((f"{path}.copies.", "task-indexed"))
     for new_path in layout.task_params.values():

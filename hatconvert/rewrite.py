@@ -18,7 +18,8 @@ from torch import nn
 from .errors import ConversionError
 from .gates import (GATE_IN_NORM, GATE_IN_WEIGHT, GATE_ON_OUTPUT, HATGate, apply_gate,
                     can_fold_into_norm, can_fold_into_weight, gated_layer)
-from .layers import TaskIndexed, TaskParameter, is_gatable, is_norm, output_units, unit_dim
+from .layers import (TaskIndexed, TaskParameter, is_gatable, is_norm, normalizes_each_unit,
+                     output_units, unit_dim)
 
 GATES = "hat_gates"
 PARAMS = "hat_params"
@@ -142,15 +143,19 @@ def task_index_calls(gm: fx.GraphModule, target: str, module: nn.Module, task: f
 
 
 def following_norm(node: fx.Node, norms: set[str], calls: dict[str, list[fx.Node]]) -> fx.Node | None:
-    """The norm call that alone consumes this layer call's output, if there is one.
+    """The per-unit norm call that alone consumes this layer call's output, if there is one.
 
-    The gate then goes behind the norm: a norm turns a zeroed channel back into a constant.
+    The gate then goes behind the norm: a norm turns a zeroed channel back into a constant, and
+    only a zero that stays zero lets later tasks reuse the next layer's weights. Norms that mix
+    units (LayerNorm, grouped GroupNorm) come after the gate instead, and their output counts
+    as used by every task.
     """
     users = list(node.users)
     if len(users) == 1:
         user = users[0]
         if (user.op == "call_module" and user.target in norms and len(calls[user.target]) == 1
-                and user.args and user.args[0] is node):
+                and user.args and user.args[0] is node
+                and normalizes_each_unit(node.graph.owning_module.get_submodule(user.target))):
             return user
     return None
 

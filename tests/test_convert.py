@@ -58,11 +58,13 @@ def test_every_gate_mode_is_used_and_exact():
     modes = {g.path: g.mode for g in net.layout.gated.values()}
     assert modes["stem"] == "norm"          # folded into the following BatchNorm's affine
     assert modes["branch_a"] == "weight"    # folded into the weight rows
-    assert modes["branch_b"] == "output"    # behind a GroupNorm: multiplies the output
-    assert net.layout.gated["branch_b"].norm == "gn"
+    # GroupNorm(2, 4) mixes channels: the gate goes before it, folded into the conv
+    assert modes["branch_b"] == "weight" and net.layout.gated["branch_b"].norm is None
+    assert modes["fc"] == "weight" and net.layout.gated["fc"].norm is None  # before LayerNorm
     seq = hatconvert.convert(SequenceNet(), num_tasks=2)
     assert seq.layout.gated["up"].mode == "output"  # ConvTranspose: output gate
-    assert seq.layout.gated["conv"].norm == "inorm"
+    # InstanceNorm normalizes each channel on its own: the gate multiplies its output
+    assert seq.layout.gated["conv"].norm == "inorm" and seq.layout.gated["conv"].mode == "output"
 
 
 def test_hard_gates_are_binary_and_zero_the_units_they_close():
