@@ -44,10 +44,11 @@ def train_task(net: HATNetwork, task_id: int, loader: Iterable, optimizer: torch
             if clip_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(net.parameters(), clip_grad_norm)
             optimizer.step()
-            total += float(loss)
+            value = loss.item()
+            total += value
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(loss):.4f}")
+                bar.set_postfix(loss=f"{value:.4f}")
         losses.append(total / num_batches)
     if bar is not None:
         bar.close()
