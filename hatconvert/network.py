@@ -49,7 +49,7 @@ class HATNetwork(nn.Module):
         t = self.check_task_id(task_id)
         if mask_scale is not None:
             check_mask_scale(mask_scale)
-        if self.training and torch.is_grad_enabled():
+        if self.training:
             self._check_training_forward(t, mask_scale)
             self._last_scale = None if mask_scale is None else float(mask_scale)
         if self._example is None and isinstance(x, torch.Tensor):
@@ -59,15 +59,16 @@ class HATNetwork(nn.Module):
         return self.model(x, **inputs, task_id=t, mask_scale=mask_scale)
 
     def _check_training_forward(self, t: int, mask_scale: Any) -> None:
-        if self.active_task is None:
-            if mask_scale is not None and bool(self.trained.any()):
-                raise TaskError(
-                    f"training forward for task {t} with no active task: call begin_task({t}) "
-                    "first so that trained tasks stay protected (or net.eval() to evaluate)")
-        elif t != self.active_task and bool(self.trained[t]):
+        """Refuse training-mode forwards that would change what a trained task computes."""
+        if bool(self.trained[t]) and t != self.active_task:
             raise TaskError(
-                f"task {self.active_task} is being trained; a training-mode forward of trained "
-                f"task {t} would change its norm statistics: use net.eval() to evaluate it")
+                f"task {t} is trained: a training-mode forward would change its norm statistics; "
+                f"call net.eval() to evaluate it (or begin_task({t}, retrain=True) to retrain it)")
+        if self.active_task is None and mask_scale is not None and torch.is_grad_enabled() \
+                and bool(self.trained.any()):
+            raise TaskError(
+                f"training forward for task {t} with no active task: call begin_task({t}) "
+                "first so that trained tasks stay protected")
 
     def check_task_id(self, task_id: Any) -> int:
         """``task_id`` as a Python int in ``[0, num_tasks)``, or a ``TaskError`` that says why."""

@@ -77,11 +77,8 @@ def test_protection_is_not_blanket_freezing():
     assert 0.0 < capacity < 1.0
     before = {p: net.model.get_submodule(p).weight.detach().clone() for p in net.layout.gated}
     train(net, optimizer, 1, x, y)
-    moved = free_moved = protected_moved = 0
-    for path, old in before.items():
-        layer = net.model.get_submodule(path)
-        changed = layer.weight.detach() != old
-        moved += int(changed.sum())
+    moved = sum(int((net.model.get_submodule(p).weight.detach() != old).sum())
+                for p, old in before.items())
     assert moved > 0, "task 1 must be able to train weights that task 0 leaves free"
     assert net.capacity() < capacity  # task 1 took some of what was free
 
@@ -176,8 +173,11 @@ def test_task_lifecycle_refuses_out_of_order_use():
         net.train()(x, 1, 1.0)
     with pytest.raises(TaskError, match="out of range"):
         net.begin_task(3)
+    with pytest.raises(TaskError, match="call net.eval"):
+        with torch.no_grad():  # running statistics would change even without gradients
+            net.train()(x, 0)
     net.begin_task(1)
-    with pytest.raises(TaskError, match="use net.eval"):
+    with pytest.raises(TaskError, match="call net.eval"):
         net(x, 0)
     net.end_task()
     net.begin_task(0, retrain=True)
