@@ -1,8 +1,9 @@
 """Cost of a HAT network against the plain model, measured side by side in one run.
 
 For timm resnet18 and vit_tiny_patch16_224 at batch 32 on CPU, prints the median time of a
-training step (forward, backward, SGD step) at mask scales 1, 50 and 400, and of eval inference
-with hard gates, each as a ratio converted / plain. Runs alternate between the two models so
+training step (forward, backward, SGD step) at mask scales 1, 50 and 400, of a training step of
+task 1 while task 0 is protected (gradient hooks and the optimizer-step guard armed, s=50), and
+of eval inference with hard gates, each as a ratio converted / plain. Runs alternate between the two models so
 that drifting machine load hits both alike.
 
     python benchmarks/overhead.py [--models resnet18 vit_tiny_patch16_224] [--batch 32] [--reps 5]
@@ -77,6 +78,14 @@ def main() -> None:
             rows.append((f"train step s={s:g}", *side_by_side(
                 train_step(plain, x, y, opt_p), train_step(net, x, y, opt_h, task_id=1,
                                                            mask_scale=s), args.reps)))
+        # Task 1 with task 0 protected: gradient hooks and the optimizer-step guard are armed.
+        net.begin_task(0)
+        net.end_task()
+        net.begin_task(1)
+        rows.append(("train, task 0 held", *side_by_side(
+            train_step(plain, x, y, opt_p), train_step(net, x, y, opt_h, task_id=1,
+                                                       mask_scale=50.0), args.reps)))
+        net.end_task()
         plain.eval(), net.eval()
         rows.append(("eval hard gates", *side_by_side(infer(plain, x), infer(net, x, task_id=1),
                                                       args.reps)))

@@ -139,6 +139,44 @@ class HATNetwork(nn.Module):
     def trained_tasks(self, excluding: int | None = None) -> list[int]:
         return [t for t in range(self.num_tasks) if bool(self.trained[t]) and t != excluding]
 
+    def forget(self, task_id: int) -> float:
+        """Release the units only task ``task_id`` used and return the capacity gained.
+
+        Its stored masks are zeroed and it is marked untrained, so later tasks may train what
+        it alone held. Nothing another trained task reads changes: their outputs stay bit-exact.
+        """
+        t = self.check_task_id(task_id)
+        if self.active_task is not None:
+            raise TaskError(f"task {self.active_task} is being trained: call end_task() "
+                            f"before forget({t})")
+        if not bool(self.trained[t]):
+            raise TaskError(f"task {t} is not trained, so there is nothing to forget "
+                            f"(trained tasks: {self.trained_tasks()})")
+        before = self.capacity()  # raises before anything changes if no input was seen yet
+        with torch.no_grad():
+            for gate in self.gates().values():
+                gate.task_masks[t].zero_()
+            self.trained[t] = False
+        self.train(self.training)  # frozen leaves thaw once no task is trained
+        return self.capacity() - before
+
+    def example_spec(self) -> tuple[tuple[int, ...], torch.dtype] | None:
+        """Shape and dtype of the example input that propagation uses; None before a forward."""
+        if self._example is None:
+            return None
+        return tuple(self._example.shape), self._example.dtype
+
+    def set_example(self, shape: tuple[int, ...] | list[int],
+                    dtype: torch.dtype = torch.float32) -> None:
+        """Use zeros of ``shape`` as the example input (a reloaded network has seen no input).
+
+        Propagation reads only shapes from the example, never values, so zeros protect exactly
+        what the original sample did.
+        """
+        param = next(self.parameters(), None)
+        device = param.device if param is not None else None
+        self._example = torch.zeros(tuple(int(n) for n in shape), dtype=dtype, device=device)
+
     def _arm(self) -> None:
         """Install gradient hooks and the step guard for the active task."""
         self._disarm()
@@ -262,9 +300,7 @@ class HATNetwork(nn.Module):
         trained tasks) is 1.
         """
         tasks = self.trained_tasks() if tasks is None else tasks
-        sizes = {p: sum(t.numel() for t in (self.model.get_submodule(p).weight,
-                                             self.model.get_submodule(p).bias) if t is not None)
-                 for p in self.layout.gated}
+        sizes = self._gated_sizes()
         if not tasks:
             return {path: 1.0 for path in sizes}
         out = {path: gate.cumulative(tasks) for path, gate in self.gates().items()}
@@ -280,10 +316,16 @@ class HATNetwork(nn.Module):
     def capacity(self, tasks: list[int] | None = None) -> float:
         """Fraction of all gated weights and biases still free: 1.0 before task 0."""
         per_layer = self.layer_capacity(tasks)
-        sizes = {p: sum(t.numel() for t in (self.model.get_submodule(p).weight,
-                                             self.model.get_submodule(p).bias) if t is not None)
-                 for p in self.layout.gated}
+        sizes = self._gated_sizes()
         return sum(per_layer[p] * sizes[p] for p in sizes) / sum(sizes.values())
+
+    def _gated_sizes(self) -> dict[str, int]:
+        """Number of weight and bias entries of each gated layer."""
+        sizes = {}
+        for path in self.layout.gated:
+            layer = self.model.get_submodule(path)
+            sizes[path] = layer.weight.numel() + (0 if layer.bias is None else layer.bias.numel())
+        return sizes
 
     def mask_usage(self) -> dict[str, list[float | None]]:
         """Per gated layer and task, the fraction of units the task's stored mask uses."""

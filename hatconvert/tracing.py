@@ -12,7 +12,6 @@ import copy
 import traceback
 from typing import Any, Callable
 
-import torch
 import torch.fx as fx
 from torch import nn
 
