@@ -1,7 +1,9 @@
 """hatconvert: turn any PyTorch model into a HAT (Hard Attention to the Task) continual learner."""
 
+from .checkpoint import load, save
 from .convert import convert
-from .errors import ConversionError, HATError, TaskError
+from .errors import CheckpointError, ConversionError, ExportError, HATError, TaskError
+from .export import export
 from .network import HATNetwork
 from .schedules import mask_scale
 from .training import train_task
@@ -10,4 +12,5 @@ from .tracing import register_leaf_function, register_leaf_module
 __version__ = "0.1.0"
 
 __all__ = ["convert", "HATNetwork", "ConversionError", "TaskError", "HATError",
-           "register_leaf_module", "register_leaf_function", "mask_scale", "train_task", "__version__"]
+           "register_leaf_module", "register_leaf_function", "mask_scale", "train_task",
+           "__version__", "save", "load", "export", "CheckpointError", "ExportError"]

@@ -1,12 +1,16 @@
-"""The ``hatconvert`` command: convert timm models by name (more commands build on this)."""
+"""The ``hatconvert`` command: convert, inspect, export and forget; the work lives elsewhere."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from .errors import HATError
+
+if TYPE_CHECKING:
+    from .network import HATNetwork
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,7 +28,53 @@ def build_parser() -> argparse.ArgumentParser:
                       help="task embedding initialisation (default: normal)")
     conv.add_argument("--loose", default="task", choices=["task", "freeze"],
                       help="policy for loose parameters and leaves with hidden weights")
+    conv.add_argument("-o", "--output", default=None, metavar="FILE",
+                      help="save the converted network to this .safetensors file")
+
+    insp = commands.add_parser(
+        "inspect", help="show the tasks trained, mask usage per layer and task, and capacity",
+        description="Show a checkpoint's tasks, the share of each gated layer's units every "
+                    "trained task uses, and the share of weights still free to train.")
+    insp.add_argument("checkpoint", help="a .safetensors file written by hatconvert")
+    insp.add_argument("--plot", default=None, metavar="FILE.png",
+                      help="also write a heatmap of usage per layer and task as a PNG")
+
+    exp = commands.add_parser(
+        "export", help="write one task as plain weights of the original model",
+        description="Write one task as a plain state dict of the original architecture: the "
+                    "task's masks folded into the weights, its own norms and head picked. "
+                    "Load it with model.load_state_dict(safetensors.torch.load_file(FILE)).")
+    exp.add_argument("checkpoint", help="a .safetensors file written by hatconvert")
+    exp.add_argument("--task", type=int, required=True, help="the task to export")
+    exp.add_argument("-o", "--output", required=True, metavar="FILE",
+                     help="the .safetensors file to write")
+    exp.add_argument("--allow-untrained", action="store_true",
+                     help="export a task that was never trained (its initial masks)")
+
+    forg = commands.add_parser(
+        "forget", help="release the units only one task used and save the result",
+        description="Forget one trained task: the units only it used become free for later "
+                    "tasks; every other task computes exactly what it did.")
+    forg.add_argument("checkpoint", help="a .safetensors file written by hatconvert")
+    forg.add_argument("--task", type=int, required=True, help="the task to forget")
+    forg.add_argument("-o", "--output", required=True, metavar="FILE",
+                      help="where to save the network without the task (may be the input)")
     return parser
+
+
+def progress(total: int, desc: str):
+    """A tqdm bar on stderr when it is a terminal (long steps: building, loading, writing)."""
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False,
+                disable=not sys.stderr.isatty(), bar_format="{desc}: {n}/{total}{postfix}")
+
+
+def load_checkpoint(path: str, bar) -> HATNetwork:
+    from .checkpoint import load
+    bar.set_postfix_str(f"loading {os.path.basename(path)}")
+    net = load(path)
+    bar.update(1)
+    return net
 
 
 def run_convert(args: argparse.Namespace) -> int:
@@ -32,19 +82,104 @@ def run_convert(args: argparse.Namespace) -> int:
     classes = args.num_classes
     if classes is not None and len(classes) == 1:
         classes = classes[0]
-    net = convert(args.model, num_tasks=args.num_tasks, num_classes=classes,
-                  mask_init=args.mask_init, loose=args.loose, weights=args.weights)
+    with progress(2 if args.output else 1, "convert") as bar:  # closed before any error line
+        bar.set_postfix_str(f"converting {args.model}")
+        net = convert(args.model, num_tasks=args.num_tasks, num_classes=classes,
+                      mask_init=args.mask_init, loose=args.loose, weights=args.weights)
+        bar.update(1)
+        if args.output:
+            from .checkpoint import save
+            bar.set_postfix_str(f"writing {args.output}")
+            save(net, args.output)
+            bar.update(1)
     print(net.report())
+    if args.output:
+        print(f"saved to {args.output}")
+    return 0
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from .checkpoint import describe
+    from .usage import free_per_layer, overall_capacity, usage_heatmap, usage_table
+    info = describe(args.checkpoint)
+    with progress(3 if args.plot else 2, "inspect") as bar:
+        net = load_checkpoint(args.checkpoint, bar)
+        bar.set_postfix_str("propagating masks")
+        free = free_per_layer(net)
+        bar.update(1)
+        if args.plot:
+            bar.set_postfix_str(f"writing {args.plot}")
+            usage_heatmap(net, args.plot, free)
+            bar.update(1)
+    source = info["source"]
+    what = f"timm {source.get('name')}" if source.get("kind") == "timm" else \
+        f"custom {source.get('class', 'model')}"
+    trained = net.trained_tasks()
+    classes = info["classes_per_task"]
+    print(f"{args.checkpoint}: {what}, {net.num_tasks} tasks, written by hatconvert "
+          f"{info['hatconvert_version']}")
+    print(f"tasks trained: {', '.join(map(str, trained)) if trained else 'none'}"
+          + (f" (classes per task: {', '.join(map(str, classes))})" if classes else ""))
+    if free is None:
+        print("capacity: n/a (the checkpoint holds no example input: run one forward and save)")
+    else:
+        print(f"capacity: {100 * overall_capacity(net, free):.1f}% of gated weights and "
+              "biases free")
+    print()
+    print(usage_table(net, free))
+    if args.plot:
+        print(f"\nheatmap written to {args.plot}")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from .export import export
+    with progress(2, "export") as bar:
+        net = load_checkpoint(args.checkpoint, bar)
+        bar.set_postfix_str(f"writing {args.output}")
+        state = export(net, args.task, args.output, allow_untrained=args.allow_untrained)
+        bar.update(1)
+    head = net.layout.heads[0] if net.layout.heads else None
+    classes = f", {state[head + '.weight'].shape[0]} classes" if head and \
+        f"{head}.weight" in state else ""
+    print(f"task {args.task} exported to {args.output}: {len(state)} tensors of the original "
+          f"model{classes}")
+    return 0
+
+
+def run_forget(args: argparse.Namespace) -> int:
+    from .checkpoint import save
+    with progress(2, "forget") as bar:
+        net = load_checkpoint(args.checkpoint, bar)
+        before = net.capacity()
+        gained = net.forget(args.task)
+        bar.set_postfix_str(f"writing {args.output}")
+        save(net, args.output)
+        bar.update(1)
+    print(f"forgot task {args.task}: capacity {100 * before:.1f}% -> "
+          f"{100 * (before + gained):.1f}% (+{100 * gained:.1f} points); saved to {args.output}")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"convert": run_convert}[args.command](args)
+        commands = {"convert": run_convert, "inspect": run_inspect, "export": run_export,
+                    "forget": run_forget}
+        return commands[args.command](args)
     except HATError as exc:
         print(f"hatconvert: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # stdout closed early (| head): not an error of ours
+        sys.stdout = open(os.devnull, "w")
+        return 0
+    except OSError as exc:  # a file the user named cannot be read or written
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"hatconvert: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hatconvert: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

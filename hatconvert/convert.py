@@ -12,8 +12,9 @@ from .errors import ConversionError
 from .gates import MASK_INITS
 from .network import HATNetwork
 from .report import ConversionReport, classify_tensors
-from .rewrite import find_output_layer, rewrite
-from .tracing import trace
+from .rewrite import Layout
+from .rewrite import LEAF_POLICIES, find_output_layer, output_layers, rewrite
+from .tracing import trace_model
 
 LOOSE_POLICIES = ("task", "freeze")
 CONVERSION_MASK_INITS = ("normal", "uniform", "dense")
@@ -43,25 +44,44 @@ def create_timm_model(name: str, num_classes: int | None = None,
         raise ConversionError(f"timm could not create {name!r}{source}: {exc}") from exc
 
 
-def classifier_path(model: nn.Module, traced_default: str | None) -> str | None:
-    """timm's ``get_classifier()`` if the model has one with weights, else the output layer."""
+def classifier_path(model: nn.Module, traced_default: str | None,
+                    called: set[str] | None = None, outputs: list[str] | None = None
+                    ) -> str | list[str] | None:
+    """timm's ``get_classifier()`` if the model has one with weights, else the output layer.
+
+    A classifier the graph does not call as one module (an MLP head, one head per branch in a
+    ModuleList) gives the layers inside it that feed the output without another layer between.
+    """
     getter = getattr(model, "get_classifier", None)
     if callable(getter):
         try:
             classifier = getter()
         except Exception:  # some models' get_classifier needs arguments or fails; fall back
             classifier = None
-        if isinstance(classifier, nn.Module) and any(True for _ in classifier.parameters()):
-            for path, module in model.named_modules():
-                if module is classifier:
-                    return path
+        # distilled models (deit, levit) return their two classifiers as a tuple
+        parts = classifier if isinstance(classifier, (tuple, list)) else [classifier]
+        found = []
+        for part in parts:
+            if not (isinstance(part, nn.Module) and any(True for _ in part.parameters())):
+                continue
+            path = next((p for p, m in model.named_modules() if m is part), None)
+            if path is None:
+                continue
+            if called is None or path in called:
+                found.append(path)
+            else:
+                found += [p for p in outputs or [] if p.startswith(f"{path}.")]
+        if found:
+            return found[0] if len(found) == 1 else found
     return traced_default
 
 
 def convert(model: nn.Module | str, num_tasks: int, *, num_classes: int | Sequence[int] | None = None,
-            mask_init: str = "normal", head: str | bool | None = None, loose: str = "task",
-            include: Sequence[str] | None = None, exclude: Sequence[str] | None = None,
-            weights: str | os.PathLike | None = None, **timm_kwargs: Any) -> HATNetwork:
+            mask_init: str = "normal", head: str | Sequence[str] | bool | None = None,
+            loose: str = "task", include: Sequence[str] | None = None,
+            exclude: Sequence[str] | None = None, leaves: str = "convert",
+            auto_leaves: bool = False, weights: str | os.PathLike | None = None,
+            **timm_kwargs: Any) -> HATNetwork:
     """Convert ``model`` (an ``nn.Module`` or a timm model name) into a HAT network.
 
     Args:
@@ -69,12 +89,18 @@ def convert(model: nn.Module | str, num_tasks: int, *, num_classes: int | Sequen
         num_classes: classes of the head, an int or one per task (task-incremental heads).
         mask_init: task embedding initialisation, ``normal`` N(0,1), ``uniform`` U(-1,1) or
             ``dense`` (every unit open: the converted model computes what the original did).
-        head: module path of the classifier; ``None`` finds it (timm's ``get_classifier()``,
-            else the last weighted layer before the output); ``False``: no task-indexed head.
+        head: module path of the classifier (or a list, one per branch); ``None`` finds it
+            (timm's ``get_classifier()``, else the last weighted layer before the output);
+            ``False``: no task-indexed head.
         loose: ``task`` gives parameters the graph reads directly (``pos_embed``, ``cls_token``,
             layer-scale ``gamma``) and leaves with hidden weights one copy per task; ``freeze``
             keeps one copy that is frozen once task 0 ends.
         include, exclude: module-path patterns (fnmatch) choosing which layers are gated.
+        leaves: ``convert`` gates the Linear/conv layers inside leaf modules that fx does not
+            trace (timm's not-traceable blocks, ``nn.MultiheadAttention``), task-indexes their
+            norms and freezes the rest of them; ``loose`` treats such leaves by ``loose``.
+        auto_leaves: when tracing breaks inside a submodule, keep it whole as a leaf (and
+            convert inside it) instead of raising.
         weights: local file of pretrained weights for a timm model name.
         timm_kwargs: passed to ``timm.create_model`` when ``model`` is a name.
 
@@ -88,6 +114,9 @@ def convert(model: nn.Module | str, num_tasks: int, *, num_classes: int | Sequen
                               f"{', '.join(m for m in MASK_INITS if m not in CONVERSION_MASK_INITS)})")
     if loose not in LOOSE_POLICIES:
         raise ConversionError(f"unknown loose policy {loose!r}; choose one of {', '.join(LOOSE_POLICIES)}")
+    if leaves not in LEAF_POLICIES:
+        raise ConversionError(f"unknown leaves policy {leaves!r}; choose one of "
+                              f"{', '.join(LEAF_POLICIES)}")
     head_classes = check_num_classes(num_classes, num_tasks)
 
     if isinstance(model, str):
@@ -105,25 +134,36 @@ def convert(model: nn.Module | str, num_tasks: int, *, num_classes: int | Sequen
         raise ConversionError(f"convert expects an nn.Module or a timm model name, "
                               f"got {type(model).__name__}")
 
-    gm = trace(model, name)
+    traced = trace_model(model, name, auto_leaves=auto_leaves)
+    gm = traced.gm
     if head is False:
         head_path = None
         if head_classes is not None:
             raise ConversionError("num_classes needs a head; do not pass head=False with it")
     elif isinstance(head, str):
         head_path = head
+    elif isinstance(head, (list, tuple)) and head and all(isinstance(h, str) for h in head):
+        head_path = list(head)
     elif head is None or head is True:
-        head_path = classifier_path(model, find_output_layer(gm))
+        called = {n.target for n in gm.graph.find_nodes(op="call_module")}
+        head_path = classifier_path(model, find_output_layer(gm), called, output_layers(gm))
     else:
-        raise ConversionError(f"head must be a module path, None or False, got {head!r}")
+        raise ConversionError(f"head must be a module path, a list of them, None or False, "
+                              f"got {head!r}")
     if head_classes is not None and head_path is None:
         raise ConversionError(f"{name} has no classifier layer to give num_classes to; "
                               "name one with head='module.path'")
 
-    original_params = sum(p.numel() for p in model.parameters())
+    original_keys = list(model.state_dict())
     layout = rewrite(gm, num_tasks, head=head_path, head_classes=head_classes, mask_init=mask_init,
                      loose=loose, include=list(include) if include else None,
-                     exclude=list(exclude) if exclude else None)
+                     exclude=list(exclude) if exclude else None, leaves=leaves)
+    layout.original_keys = original_keys
+    layout.mode_dependent = traced.mode_dependent
+    layout.auto_leaves = list(traced.auto_leaves)
+    layout.dropped = unused_tensors(model, gm, layout)
+    dropped = set(layout.dropped)  # the overhead compares what the network holds
+    original_params = sum(p.numel() for n, p in model.named_parameters() if n not in dropped)
     if not layout.gated:
         raise ConversionError(
             f"no layer of {name} was gated: nothing matched include={list(include or [])} "
@@ -133,8 +173,32 @@ def convert(model: nn.Module | str, num_tasks: int, *, num_classes: int | Sequen
                               classify_tensors(gm, layout))
     config = dict(num_tasks=num_tasks, num_classes=head_classes, mask_init=mask_init,
                   head=head_path, loose=loose, include=list(include or []),
-                  exclude=list(exclude or []), source=source)
+                  exclude=list(exclude or []), leaves=leaves, auto_leaves=auto_leaves,
+                  source=source)
     return HATNetwork(gm, layout, report, num_tasks, config)
+
+
+def unused_tensors(model: nn.Module, gm: nn.Module, layout: Layout) -> list[str]:
+    """The model's parameters and buffers that the converted network does not hold.
+
+    Tracing keeps only what the (eval-mode) forward uses: unused modules and train-only branches
+    (googlenet's auxiliary heads) are left out. Parameters moved to ``hat_params`` are not lost.
+    """
+    kept = {n for n, _ in gm.named_parameters(remove_duplicate=False)}
+    kept |= {n for n, _ in gm.named_buffers(remove_duplicate=False)}
+    moved = set(layout.task_params)
+
+    def held(name: str) -> bool:
+        parts = name.split(".")  # task-indexed copies live at PATH.copies.0.REST
+        return name in kept or name in moved or any(
+            ".".join(parts[:k] + ["copies", "0"] + parts[k:]) in kept for k in range(len(parts)))
+
+    named = list(model.named_parameters(remove_duplicate=False)) + list(
+        model.named_buffers(remove_duplicate=False))
+    aliases: dict[int, list[str]] = {}  # a module shared under two paths holds one tensor
+    for name, tensor in named:
+        aliases.setdefault(id(tensor), []).append(name)
+    return [name for name, tensor in named if not any(held(a) for a in aliases[id(tensor)])]
 
 
 def check_num_classes(num_classes: int | Sequence[int] | None, num_tasks: int) -> list[int] | None:

@@ -13,3 +13,11 @@ class ConversionError(HATError):
 
 class TaskError(HATError, ValueError):
     """A task id or task sequence is invalid (out of range, out of order)."""
+
+
+class CheckpointError(HATError):
+    """A checkpoint file cannot be written or read; the message names the file and the fault."""
+
+
+class ExportError(HATError):
+    """A task cannot be exported as plain weights; the message names the layer at fault."""

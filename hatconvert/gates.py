@@ -109,6 +109,11 @@ def apply_gate(x: torch.Tensor, gate: torch.Tensor, unit_dim: int) -> torch.Tens
     return x * gate.to(x.dtype).view(shape)
 
 
+def scale_rows(tensor: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """A layer's weight or bias with row ``o`` (output unit ``o``) times ``gate[o]``."""
+    return tensor * gate.to(tensor.dtype).view(-1, *([1] * (tensor.ndim - 1)))
+
+
 def gated_layer(x: torch.Tensor, layer: nn.Module, gate: torch.Tensor) -> torch.Tensor:
     """``gate * layer(x)`` for an exact Linear or ConvNd, with the gate folded into its rows."""
     g = gate.to(layer.weight.dtype)

@@ -7,6 +7,8 @@ Matching is by ``isinstance`` so that subclasses (timm's ``Conv2dSame``, ``StdCo
 from __future__ import annotations
 
 import copy
+import functools
+import importlib
 from typing import Any
 
 import torch
@@ -20,15 +22,112 @@ from .gates import gated_batch_norm
 GATABLE_TYPES: tuple[type, ...] = (nn.Linear, _ConvNd)
 NORM_TYPES: tuple[type, ...] = (_BatchNorm, _InstanceNorm, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 
+# Norms and per-channel scales that are not torch norms, by module and class name; each is
+# task-indexed like a torch norm (one copy per task, whatever the loose policy). Classes that a
+# library version lacks are skipped. Those that map a zero entry to zero (RMS norms without
+# bias, ``x * gamma`` scales) are listed again in ZERO_PRESERVING_NORM_NAMES for propagation.
+EXTRA_NORM_CLASSES: dict[str, tuple[str, ...]] = {
+    "timm.layers.norm": ("RmsNorm", "RmsNorm2d", "RmsNormFp32", "RmsNorm2dFp32", "SimpleNorm",
+                         "SimpleNorm2d", "SimpleNormFp32", "SimpleNorm2dFp32"),
+    "timm.layers.norm_act": ("RmsNormAct", "RmsNormAct2d", "RmsNormActFp32", "RmsNormAct2dFp32",
+                             "FrozenBatchNormAct2d"),
+    "timm.layers.evo_norm": ("EvoNorm2dB0", "EvoNorm2dB1", "EvoNorm2dB2", "EvoNorm2dS0",
+                             "EvoNorm2dS1", "EvoNorm2dS2"),
+    "timm.layers.filter_response_norm": ("FilterResponseNormAct2d", "FilterResponseNormTlu2d"),
+    "timm.layers.grn": ("GlobalResponseNorm",),
+    "timm.layers.inplace_abn": ("InplaceAbn",),
+    "timm.layers.layer_scale": ("LayerScale", "LayerScale2d"),
+    "timm.models.fastvit": ("LayerScale2d",),
+    "timm.models.swiftformer": ("LayerScale2d",),
+    "timm.models.metaformer": ("Scale",),
+    "timm.models.mlp_mixer": ("Affine",),
+    "timm.models.hgnet": ("LearnableAffineBlock",),
+}
+ZERO_PRESERVING_NORM_NAMES = {"RmsNorm", "RmsNorm2d", "RmsNormFp32", "RmsNorm2dFp32", "SimpleNorm",
+                              "SimpleNorm2d", "SimpleNormFp32", "SimpleNorm2dFp32", "LayerScale",
+                              "LayerScale2d", "Scale"}
+
+
+@functools.lru_cache(maxsize=None)
+def extra_norm_types() -> tuple[type, ...]:
+    """The classes of ``EXTRA_NORM_CLASSES`` that can be imported here."""
+    return _importable(EXTRA_NORM_CLASSES)
+
+
+# Stateless modules whose forward branches on ``self.training`` (stochastic depth, drop block,
+# patch dropout): kept whole by the tracer, so that they still act in training after the model
+# is traced in eval mode. Each maps a zero entry to zero.
+TRAIN_ONLY_CLASSES: dict[str, tuple[str, ...]] = {
+    "timm.layers.drop": ("DropPath", "DropBlock2d"),
+    "timm.layers.patch_dropout": ("PatchDropout",),
+    "torchvision.ops.stochastic_depth": ("StochasticDepth",),
+}
+
+
+def _importable(classes: dict[str, tuple[str, ...]]) -> tuple[type, ...]:
+    found = []
+    for module_name, names in classes.items():
+        try:
+            module = importlib.import_module(module_name)
+        except Exception:  # the library (or that part of it) is not installed
+            continue
+        found += [getattr(module, n) for n in names if isinstance(getattr(module, n, None), type)]
+    return tuple(found)
+
+
+@functools.lru_cache(maxsize=None)
+def train_only_types() -> tuple[type, ...]:
+    """The classes of ``TRAIN_ONLY_CLASSES`` that can be imported here."""
+    return _importable(TRAIN_ONLY_CLASSES)
+
+
+@functools.lru_cache(maxsize=None)
+def cond_conv_types() -> tuple[type, ...]:
+    """timm's ``CondConv2d`` (expert weights mixed per sample), if timm is installed."""
+    try:
+        from timm.layers.cond_conv2d import CondConv2d
+    except Exception:
+        return ()
+    return (CondConv2d,)
+
+
+def is_cond_conv(module: nn.Module) -> bool:
+    """A conv with one weight per expert, shaped ``(experts, out * in/groups * k...)``."""
+    return isinstance(module, cond_conv_types())
+
 
 def is_gatable(module: nn.Module) -> bool:
-    """Linear, ConvNd and ConvTransposeNd, subclasses included."""
-    return isinstance(module, GATABLE_TYPES)
+    """Linear, ConvNd, ConvTransposeNd (subclasses included) and timm's CondConv2d."""
+    return isinstance(module, GATABLE_TYPES) or is_cond_conv(module)
 
 
 def is_norm(module: nn.Module) -> bool:
-    """BatchNorm, InstanceNorm, LayerNorm, GroupNorm and RMSNorm, subclasses included."""
-    return isinstance(module, NORM_TYPES)
+    """Torch's norms (subclasses included) and the norms and scales of EXTRA_NORM_CLASSES."""
+    return isinstance(module, NORM_TYPES) or isinstance(module, extra_norm_types())
+
+
+def maps_zero_to_zero(norm: nn.Module) -> bool:
+    """True for norms whose output is zero wherever the input is: RMS norms, ``x * gamma``."""
+    if type(norm) is nn.RMSNorm:
+        return True
+    return (isinstance(norm, extra_norm_types())
+            and type(norm).__name__ in ZERO_PRESERVING_NORM_NAMES)
+
+
+# Linear and conv classes whose forward uses ``weight`` exactly as torch's own layer does.
+# Weight standardization (timm's StdConv2d) and other subclasses may mix a row's entries, so
+# protection counts every input of theirs as used: a free entry could move the protected ones.
+_AS_IS_LINEAR_NAMES = {("torch.nn.modules.linear", "NonDynamicallyQuantizableLinear"),
+                       ("timm.layers.linear", "Linear"), ("timm.layers.conv2d_same", "Conv2dSame")}
+
+
+def uses_weight_as_is(layer: nn.Module) -> bool:
+    """The layer computes with its weight unchanged, so each entry touches one input feature."""
+    cls = type(layer)
+    if cls in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+               nn.ConvTranspose3d) or is_cond_conv(layer):
+        return True
+    return (cls.__module__, cls.__name__) in _AS_IS_LINEAR_NAMES
 
 
 def normalizes_each_unit(norm: nn.Module) -> bool:

@@ -228,6 +228,11 @@ class HATNetwork(nn.Module):
                     b for b in module.buffers() if b.is_floating_point()]
             for name in self.layout.frozen_params + self.layout.frozen_in_gated:
                 tensors.append(self.model.get_parameter(name))
+            for name in self.layout.frozen_tensors:  # inside converted leaves, written buffers
+                owner, _, attr = name.rpartition(".")
+                tensor = getattr(self.model.get_submodule(owner), attr)
+                if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+                    tensors.append(tensor)
         return tensors
 
     def _disarm(self) -> None:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .gates import HATGate, apply_gate, gated_layer
-from .layers import TaskIndexed
+from .layers import TaskIndexed, maps_zero_to_zero, train_only_types
 from .rewrite import Layout
 
 # Element-wise functions f with f(0) == 0: a zero entry stays zero.
@@ -172,7 +172,10 @@ class MaskPropagator(fx.Interpreter):
                 gate = n.kwargs["gate"]
                 layer = self.gate_to_layer[gate.target]
                 return _broadcast(self.unit_masks[layer], result, 1)
-            if isinstance(module, ZERO_PRESERVING_MODULES):
+            if isinstance(module, TaskIndexed) and maps_zero_to_zero(module.copies[0]):
+                # RMS norms and ``x * gamma`` scales: a zero entry stays zero
+                return self._tensor_mask(n.args[0]) * torch.ones_like(result, dtype=torch.float32)
+            if isinstance(module, ZERO_PRESERVING_MODULES + train_only_types()):
                 return self._tensor_mask(n.args[0]) * torch.ones_like(result, dtype=torch.float32)
             if isinstance(module, STRUCTURAL_MODULES):
                 args, kwargs = self._mask_args(n)
@@ -186,6 +189,12 @@ class MaskPropagator(fx.Interpreter):
             if target is apply_gate:
                 layer = self.gate_to_layer[n.args[1].target]
                 return _broadcast(self.unit_masks[layer], result, n.args[2])
+            if target is F.linear:  # F.linear(x, layer.weight, ...): its gate comes next
+                weight = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")
+                layer = getattr(weight, "target", "").rpartition(".")[0]
+                if layer in self.layout.gated:
+                    self._record_input(layer, n.args[0] if n.args else n.kwargs.get("input"))
+                return _ones_like(result)
             if target is F.scaled_dot_product_attention:
                 value = self._tensor_mask(n.args[2])
                 return value.amax(dim=-2, keepdim=True).expand(result.shape).contiguous()
@@ -234,6 +243,9 @@ def input_masks(gm: fx.GraphModule, layout: Layout, unit_masks: dict[str, torch.
         else:  # the model's other inputs keep their defaults
             args.append(node.args[0] if node.args else None)
     modes = {m: m.training for m in gm.modules()}
+    # a graph may write buffers even in eval mode (self.seen.copy_(...)): put them back, so that
+    # protection holds the values training left, not the ones this extra forward wrote
+    buffers = [(b, b.clone()) for b in gm.buffers()]
     gm.eval()
     try:
         with torch.no_grad():
@@ -242,4 +254,7 @@ def input_masks(gm: fx.GraphModule, layout: Layout, unit_masks: dict[str, torch.
     finally:
         for module, mode in modes.items():
             module.training = mode
+        with torch.no_grad():
+            for buffer, value in buffers:
+                buffer.copy_(value)
     return propagator.input_masks

@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from .layers import is_cond_conv, uses_weight_as_is
+
 ADJUSTMENTS = ("hat", "hat_random", "hat_const_alpha", "hat_const_1")
 EMBEDDING_CLAMP = 6.0
 COMPENSATION_CLAMP = 50.0
@@ -30,12 +32,21 @@ def weight_protection(layer: nn.Module, out_mask: torch.Tensor, in_mask: torch.T
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """``min(M_out[o], M_in[i])`` laid out like the layer's weight, and ``M_out`` for its bias.
 
-    Handles Linear ``(out, in)``, ConvNd ``(out, in/groups, *k)`` and ConvTransposeNd
-    ``(in, out/groups, *k)``, grouped convolutions included.
+    Handles Linear ``(out, in)``, ConvNd ``(out, in/groups, *k)``, ConvTransposeNd
+    ``(in, out/groups, *k)``, grouped convolutions included, and timm's CondConv2d, whose
+    weight holds one conv weight per expert ``(experts, out * in/groups * k)``. A layer that
+    transforms its weight (weight standardization) has every input counted as used.
     """
     weight = layer.weight
     out_mask = out_mask.to(weight.device, torch.float32)
     in_mask = in_mask.to(weight.device, torch.float32)
+    if not uses_weight_as_is(layer):
+        in_mask = torch.ones_like(in_mask)
+    if is_cond_conv(layer):
+        shape = (layer.out_channels, layer.in_channels // layer.groups, *layer.kernel_size)
+        protect = _conv_protection(shape, layer.groups, out_mask, in_mask)
+        bias = None if layer.bias is None else out_mask.expand_as(layer.bias).contiguous()
+        return protect.reshape(1, -1).expand_as(weight).contiguous(), bias
     kernel = [1] * (weight.ndim - 2)
     if isinstance(layer, nn.Linear):
         protect = torch.minimum(out_mask[:, None], in_mask[None, :])
@@ -45,11 +56,17 @@ def weight_protection(layer: nn.Module, out_mask: torch.Tensor, in_mask: torch.T
         out_by_in = out_mask.view(groups, out_per).repeat_interleave(in_per, dim=0)  # (in, out/g)
         protect = torch.minimum(in_mask[:, None], out_by_in).view(*weight.shape[:2], *kernel)
     else:
-        groups = layer.groups
-        out_per, in_per = weight.shape[0] // groups, weight.shape[1]
-        in_by_out = in_mask.view(groups, in_per).repeat_interleave(out_per, dim=0)  # (out, in/g)
-        protect = torch.minimum(out_mask[:, None], in_by_out).view(*weight.shape[:2], *kernel)
+        protect = _conv_protection(tuple(weight.shape), layer.groups, out_mask, in_mask)
     return protect.expand_as(weight).contiguous(), out_mask
+
+
+def _conv_protection(shape: tuple[int, ...], groups: int, out_mask: torch.Tensor,
+                     in_mask: torch.Tensor) -> torch.Tensor:
+    """``min(M_out[o], M_in[i])`` for a conv weight of ``shape`` ``(out, in/groups, *k)``."""
+    out_per, in_per = shape[0] // groups, shape[1]
+    in_by_out = in_mask.view(groups, in_per).repeat_interleave(out_per, dim=0)  # (out, in/g)
+    protect = torch.minimum(out_mask[:, None], in_by_out)
+    return protect.view(*shape[:2], *([1] * (len(shape) - 2))).expand(shape)
 
 
 def adjustment_rate(protect: torch.Tensor, mode: str, alpha: float | None) -> torch.Tensor:

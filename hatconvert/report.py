@@ -35,8 +35,11 @@ class ConversionReport:
         for g in lay.gated.values():
             where = {"norm": f"folded into the affine of norm {g.norm}",
                      "weight": "folded into its weight rows",
-                     "output": f"on the output of norm {g.norm}" if g.norm else "on its output"}
-            lines.append(f"    {g.path} ({g.units} units): gate {where[g.mode]}")
+                     "output": f"on the output of norm {g.norm}" if g.norm else "on its output",
+                     "function": "on the output of each F.linear that reads its weight",
+                     "leaf": f"on its output, inside converted leaf {g.leaf}",
+                     "rows": "folded into its weight rows wherever the graph reads them"}
+            lines.append(f"    {g.path} ({g.units} units): gate {where.get(g.mode, g.mode)}")
         sections = [
             ("task-indexed norms", lay.norms),
             ("task-indexed heads", lay.heads),
@@ -44,11 +47,20 @@ class ConversionReport:
             ("frozen leaves (weights hidden inside, frozen after task 0)", lay.frozen_leaves),
             ("task-indexed parameters", list(lay.task_params)),
             ("frozen parameters (frozen after task 0)", lay.frozen_params + lay.frozen_in_gated),
+            ("converted leaves (layers inside gated, norms task-indexed)", lay.converted_leaves),
+            ("frozen tensors inside converted leaves or written by the graph (frozen after "
+             "task 0)", lay.frozen_tensors),
             ("constant buffers read by the graph", lay.constant_buffers),
+            ("submodules kept whole because tracing broke inside them", lay.auto_leaves),
+            ("tensors of the model its traced forward never uses (not in the network)",
+             lay.dropped),
         ]
         for title, items in sections:
             if items:
                 lines.append(f"  {title} ({len(items)}): " + ", ".join(items))
+        if lay.mode_dependent:
+            lines.append("  the forward branches on self.training: the eval-mode graph is used "
+                         "in both modes (train-only branches are left out)")
         counts = ", ".join(f"{c} {self.count(c)}" for c in CATEGORIES)
         lines.append(f"  tensors: {counts}; unaccounted 0")
         lines.append(f"  parameters: {self.original_params:,} -> {self.converted_params:,} "
@@ -71,14 +83,23 @@ def classify_tensors(gm: nn.Module, layout: Layout) -> dict[str, str]:
         prefixes.append((f"{new_path}.copies.", "task-indexed"))
     for path in layout.frozen_leaves:
         prefixes.append((f"{path}.", "frozen"))
-    for name in layout.frozen_params + layout.frozen_in_gated:
+    for name in layout.frozen_params + layout.frozen_in_gated + layout.frozen_tensors:
         prefixes.append((name, "frozen"))
     for name in layout.constant_buffers:
         prefixes.append((name, "constant"))
 
+    exact: dict[str, str] = {}
+    ancestors: dict[str, str] = {}  # "a.b." -> category of every tensor under a.b
+    for prefix, cat in prefixes:
+        (ancestors if prefix.endswith(".") else exact).setdefault(prefix, cat)
+
     def category(name: str) -> str | None:
-        for prefix, cat in prefixes:
-            if name == prefix or (prefix.endswith(".") and name.startswith(prefix)):
+        if name in exact:
+            return exact[name]
+        parts = name.split(".")
+        for k in range(1, len(parts)):  # outermost first, as a prefix scan would find it
+            cat = ancestors.get(".".join(parts[:k]) + ".")
+            if cat is not None:
                 return cat
         return None
 

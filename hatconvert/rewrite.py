@@ -9,17 +9,26 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import operator
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from .errors import ConversionError
 from .gates import (GATE_IN_NORM, GATE_IN_WEIGHT, GATE_ON_OUTPUT, HATGate, apply_gate,
-                    can_fold_into_norm, can_fold_into_weight, gated_layer)
-from .layers import (TaskIndexed, TaskParameter, is_gatable, is_norm, normalizes_each_unit,
-                     output_units, unit_dim)
+                    can_fold_into_norm, can_fold_into_weight, gated_layer, scale_rows)
+from .layers import (TaskIndexed, TaskParameter, is_cond_conv, is_gatable, is_norm,
+                     normalizes_each_unit, output_units, unit_dim)
+from .leaves import apply_plan, plan_leaf, route_calls
+
+LEAF_POLICIES = ("convert", "loose")
+GATE_ON_FUNCTION = "function"  # on the output of F.linear(x, layer.weight, ...) (see below)
+GATE_IN_LEAF = "leaf"          # on the output of a layer inside a converted leaf (leaves.py)
+GATE_IN_ROWS = "rows"          # folded into weight rows wherever the graph reads the weight
 
 GATES = "hat_gates"
 PARAMS = "hat_params"
@@ -35,6 +44,10 @@ class GatedLayer:
     unit_dim: int
     norm: str | None = None
     mode: str = "output"
+    leaf: str | None = None  # the converted leaf the layer sits in (mode "leaf")
+    # mode "function": F.linear adds a bias that is not the layer's own (beit's q_bias, v_bias);
+    # the gate multiplies it too, so scaling the weight rows and the layer's bias misses it
+    external_bias: bool = False
 
 
 @dataclass
@@ -50,6 +63,12 @@ class Layout:
     frozen_params: list[str] = field(default_factory=list)
     constant_buffers: list[str] = field(default_factory=list)
     frozen_in_gated: list[str] = field(default_factory=list)  # extra params of gated layers
+    original_keys: list[str] = field(default_factory=list)  # the model's state_dict (export)
+    converted_leaves: list[str] = field(default_factory=list)  # leaves converted inside
+    frozen_tensors: list[str] = field(default_factory=list)  # params and buffers, by full name
+    dropped: list[str] = field(default_factory=list)  # the model's tensors the graph never uses
+    auto_leaves: list[str] = field(default_factory=list)  # submodules kept whole to trace
+    mode_dependent: bool = False  # train and eval graphs differ: the eval graph is kept
 
 
 def add_task_inputs(graph: fx.Graph) -> tuple[fx.Node, fx.Node]:
@@ -82,6 +101,100 @@ def modules_read_directly(graph: fx.Graph) -> set[str]:
         if node.op == "get_attr" and "." in node.target:
             owners.add(node.target.rsplit(".", 1)[0])
     return owners
+
+
+def _arg(node: fx.Node, index: int, name: str):
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name)
+
+
+def functional_layers(gm: fx.GraphModule, calls: dict[str, list[fx.Node]]
+                      ) -> dict[str, list[fx.Node]]:
+    """Linear layers used only as ``F.linear(x, layer.weight, bias)`` (beit, eva, swinv2).
+
+    Such a layer is gated like a called one, on the output of each ``F.linear``. Only when every
+    read of its weight and bias is an argument of such a call: any other use of them is unknown.
+    """
+    reads: dict[str, list[fx.Node]] = {}
+    for node in gm.graph.find_nodes(op="get_attr"):
+        owner, _, name = node.target.rpartition(".")
+        if name in ("weight", "bias") and owner:
+            reads.setdefault(owner, []).append(node)
+    found: dict[str, list[fx.Node]] = {}
+    for owner, nodes in reads.items():
+        if owner in calls or not isinstance(gm.get_submodule(owner), nn.Linear):
+            continue
+        users = {u for n in nodes for u in n.users}
+        ok = all(u.op == "call_function" and u.target is F.linear for u in users)
+        for u in users if ok else ():
+            weight = _arg(u, 1, "weight")
+            ok &= isinstance(weight, fx.Node) and weight.target == f"{owner}.weight"
+            ok &= _arg(u, 0, "input") not in nodes
+        if ok and users:
+            found[owner] = sorted(users, key=lambda n: list(gm.graph.nodes).index(n))
+    return found
+
+
+def rows_read_directly(gm: fx.GraphModule, calls: dict[str, list[fx.Node]],
+                       skip: set[str]) -> dict[str, list[fx.Node]]:
+    """Layers never called whose weight and bias the graph reads for other uses (a function fx
+    does not trace, such as torchvision's ``shifted_window_attention(x, qkv.weight, ...)``).
+
+    Each read gets the gate folded into the rows: row ``o`` belongs to unit ``o``, so whatever
+    the function does with it, a closed unit's row is zero. Protection cannot follow the use,
+    so the whole row of a unit an earlier task uses is kept.
+    """
+    reads: dict[str, list[fx.Node]] = {}
+    for node in gm.graph.find_nodes(op="get_attr"):
+        owner, _, name = node.target.rpartition(".")
+        if owner and owner not in skip and owner not in calls:
+            reads.setdefault(owner, []).append(node)
+    found = {}
+    for owner, nodes in reads.items():
+        module = gm.get_submodule(owner)
+        rows_are_units = isinstance(module, (nn.Linear, _ConvNd)) and not isinstance(
+            module, _ConvTransposeNd) and not is_cond_conv(module)
+        names = {n.target.rpartition(".")[2] for n in nodes}
+        if rows_are_units and names <= {"weight", "bias"}:
+            found[owner] = nodes
+    return found
+
+
+IN_PLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                      operator.setitem}
+IN_PLACE_METHODS = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__"}
+
+
+def mutated_buffers(graph: fx.Graph) -> set[str]:
+    """Buffers the graph writes in place (``self.running_var.copy_(...)``): not constants."""
+    out = set()
+    for node in graph.find_nodes(op="get_attr"):
+        for user in node.users:
+            name = str(user.target)
+            writes = (user.op == "call_method" and (name.endswith("_") and not name.endswith("__")
+                                                    or name in IN_PLACE_METHODS)
+                      or user.op == "call_function" and user.target in IN_PLACE_FUNCTIONS)
+            if writes and user.args and user.args[0] is node:
+                out.add(node.target)
+    return out
+
+
+def output_layers(gm: fx.GraphModule) -> list[str]:
+    """Every gatable layer that reaches the output without passing another gatable layer."""
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    seen, found, frontier = set(), [], list(output.all_input_nodes)
+    while frontier:
+        node = frontier.pop(0)
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op == "call_module" and is_gatable(gm.get_submodule(node.target)):
+            if node.target not in found:
+                found.append(node.target)
+            continue
+        frontier.extend(node.all_input_nodes)
+    return found
 
 
 def find_output_layer(gm: fx.GraphModule) -> str | None:
@@ -119,19 +232,30 @@ def has_state(module: nn.Module) -> bool:
 
 
 def resized_head(head: nn.Module, classes: int, path: str) -> nn.Module:
-    """A fresh head like ``head`` with ``classes`` outputs (Linear and plain ConvNd only)."""
+    """A copy of ``head`` with ``classes`` outputs, freshly initialised when the size changes.
+
+    Works for Linear and ungrouped ConvNd and their subclasses (timm's ``Linear``): the copy
+    keeps the class and its forward, with new weight and bias of the new size.
+    """
+    new = copy.deepcopy(head)
     if output_units(head) == classes:
-        return copy.deepcopy(head)
+        return new
+    grouped = getattr(head, "groups", 1) != 1 or getattr(head, "transposed", False)
+    if not isinstance(head, (nn.Linear, _ConvNd)) or grouped:
+        raise ConversionError(
+            f"cannot give head '{path}' ({type(head).__name__}) {classes} classes: only Linear "
+            "and ungrouped ConvNd heads can be resized; create the model with the right "
+            "num_classes")
     weight = head.weight
-    kw = dict(device=weight.device, dtype=weight.dtype)
-    if type(head) is nn.Linear:
-        return nn.Linear(head.in_features, classes, bias=head.bias is not None, **kw)
-    if type(head) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and head.groups == 1:
-        return type(head)(head.in_channels, classes, head.kernel_size, head.stride, head.padding,
-                          head.dilation, 1, head.bias is not None, head.padding_mode, **kw)
-    raise ConversionError(
-        f"cannot give head '{path}' ({type(head).__name__}) {classes} classes: only nn.Linear "
-        "and plain ConvNd heads can be resized; create the model with the right num_classes")
+    new.weight = nn.Parameter(weight.new_empty((classes, *weight.shape[1:])))
+    if head.bias is not None:
+        new.bias = nn.Parameter(head.bias.new_empty(classes))
+    if isinstance(head, nn.Linear):
+        new.out_features = classes
+    else:
+        new.out_channels = classes
+    new.reset_parameters()
+    return new
 
 
 def task_index_calls(gm: fx.GraphModule, target: str, module: nn.Module, task: fx.Node) -> None:
@@ -192,23 +316,38 @@ def gate_call(gm: fx.GraphModule, node: fx.Node, gate_path: str, dim: int, norms
     return GATE_ON_OUTPUT, None
 
 
-def rewrite(gm: fx.GraphModule, num_tasks: int, *, head: str | None,
+def rewrite(gm: fx.GraphModule, num_tasks: int, *, head: str | list[str] | None,
             head_classes: list[int] | None, mask_init: str, loose: str,
-            include: list[str] | None, exclude: list[str] | None) -> Layout:
-    """Rewrite ``gm`` in place into a HAT graph and return what was done."""
+            include: list[str] | None, exclude: list[str] | None,
+            leaves: str = "convert") -> Layout:
+    """Rewrite ``gm`` in place into a HAT graph and return what was done.
+
+    ``head`` is one module path or several (models with one classifier per branch).
+    ``leaves``: ``convert`` gates the layers inside leaf modules (see leaves.py); ``loose``
+    treats every leaf with weights by the ``loose`` policy.
+    """
     layout = Layout()
     graph = gm.graph
     task, scale = add_task_inputs(graph)
     calls = calls_by_target(graph)
     read_directly = modules_read_directly(graph)
-    if head is not None and head not in calls:
-        raise ConversionError(f"head '{head}' is not called by the traced model; "
-                              f"name a module the forward pass calls")
+    heads = [] if head is None else [head] if isinstance(head, str) else list(head)
+    for path in heads:
+        if path not in calls:
+            raise ConversionError(f"head '{path}' is not called by the traced model; "
+                                  f"name a module the forward pass calls")
+    functional = {path: nodes for path, nodes in functional_layers(gm, calls).items()
+                  if path not in heads and selected(path, include, exclude)}
+    row_reads = {path: nodes for path, nodes in
+                 rows_read_directly(gm, calls, set(functional) | set(heads)).items()
+                 if selected(path, include, exclude)}
+    gates_root = nn.Module()
+    gm.add_module(GATES, gates_root)
 
     gated_targets, norm_targets = [], []
     for target in calls:
         module = gm.get_submodule(target)
-        if target == head or not has_state(module):
+        if target in heads or not has_state(module):
             continue
         if target in read_directly:
             task_index_or_freeze_leaf(gm, target, module, num_tasks, loose, task, layout)
@@ -216,34 +355,37 @@ def rewrite(gm: fx.GraphModule, num_tasks: int, *, head: str | None,
             gated_targets.append(target)
         elif is_norm(module):
             norm_targets.append(target)
-        else:
+        elif not (leaves == "convert" and convert_leaf(gm, target, calls[target], num_tasks,
+                                                       mask_init, include, exclude, loose, task,
+                                                       scale, layout)):
             task_index_or_freeze_leaf(gm, target, module, num_tasks, loose, task, layout)
 
-    if head is not None:
-        original = gm.get_submodule(head)
+    for path in heads:
+        original = gm.get_submodule(path)
         copies = None
         if head_classes is not None:
-            copies = [resized_head(original, c, head) for c in head_classes]
-        task_index_calls(gm, head, TaskIndexed(original, num_tasks, copies), task)
-        layout.heads.append(head)
+            copies = [resized_head(original, c, path) for c in head_classes]
+        task_index_calls(gm, path, TaskIndexed(original, num_tasks, copies), task)
+        layout.heads.append(path)
 
     # Loose parameters first: the gating below adds get_attr nodes of its own.
-    index_loose_attributes(gm, num_tasks, loose, task, layout)
+    skip = {f"{path}.{name}" for path in [*functional, *row_reads]
+            for name in ("weight", "bias")}
+    index_loose_attributes(gm, num_tasks, loose, task, layout, skip, mutated_buffers(graph))
     norm_set = set(norm_targets)
-    gates_root = nn.Module()
-    gm.add_module(GATES, gates_root)
     for target in gated_targets:
         module = gm.get_submodule(target)
-        name = unique_name(gates_root, target)
-        gates_root.add_module(name, HATGate(num_tasks, output_units(module), mask_init,
-                                            device=module.weight.device))
+        gate_path = add_gate(gates_root, target, module, num_tasks, mask_init)
         dim = unit_dim(module)
         for node in calls[target]:
-            mode, norm = gate_call(gm, node, f"{GATES}.{name}", dim, norm_set, calls, task, scale)
-        layout.gated[target] = GatedLayer(target, f"{GATES}.{name}", output_units(module), dim,
-                                          norm, mode)
+            mode, norm = gate_call(gm, node, gate_path, dim, norm_set, calls, task, scale)
+        layout.gated[target] = GatedLayer(target, gate_path, output_units(module), dim, norm, mode)
         layout.frozen_in_gated += [f"{target}.{n}" for n, _ in module.named_parameters()
                                    if n not in ("weight", "bias")]
+    for target, nodes in functional.items():
+        gate_functional(gm, target, nodes, num_tasks, mask_init, task, scale, layout)
+    for target, nodes in row_reads.items():
+        gate_rows(gm, target, nodes, num_tasks, mask_init, task, scale, layout)
 
     for target in norm_targets:
         task_index_calls(gm, target, TaskIndexed(gm.get_submodule(target), num_tasks), task)
@@ -253,6 +395,74 @@ def rewrite(gm: fx.GraphModule, num_tasks: int, *, head: str | None,
     gm.recompile()
     gm.delete_all_unused_submodules()
     return layout
+
+
+def add_gate(gates_root: nn.Module, target: str, layer: nn.Module, num_tasks: int,
+             mask_init: str) -> str:
+    """Create the gate of layer ``target`` under ``hat_gates``; return the gate's path."""
+    name = unique_name(gates_root, target)
+    gates_root.add_module(name, HATGate(num_tasks, output_units(layer), mask_init,
+                                        device=layer.weight.device))
+    return f"{GATES}.{name}"
+
+
+def gate_functional(gm: fx.GraphModule, target: str, nodes: list[fx.Node], num_tasks: int,
+                    mask_init: str, task: fx.Node, scale: fx.Node, layout: Layout) -> None:
+    """Gate each ``F.linear(x, target.weight, bias)`` on its output, as if the layer were called."""
+    module = gm.get_submodule(target)
+    gate_path = add_gate(gm.get_submodule(GATES), target, module, num_tasks, mask_init)
+    external = False
+    for node in nodes:
+        bias = _arg(node, 2, "bias")
+        external |= bias is not None and getattr(bias, "target", None) != f"{target}.bias"
+        with gm.graph.inserting_before(node):
+            gate = gm.graph.call_module(gate_path, (task, scale))
+        gate_output(gm.graph, node, gate, -1)
+    layout.gated[target] = GatedLayer(target, gate_path, output_units(module), -1, None,
+                                      GATE_ON_FUNCTION, external_bias=external)
+    layout.frozen_in_gated += [f"{target}.{n}" for n, _ in module.named_parameters()
+                               if n not in ("weight", "bias")]
+
+
+def gate_rows(gm: fx.GraphModule, target: str, reads: list[fx.Node], num_tasks: int,
+              mask_init: str, task: fx.Node, scale: fx.Node, layout: Layout) -> None:
+    """Give every read of ``target``'s weight and bias the gate folded into the rows."""
+    module = gm.get_submodule(target)
+    gate_path = add_gate(gm.get_submodule(GATES), target, module, num_tasks, mask_init)
+    graph = gm.graph
+    for node in reads:
+        with graph.inserting_after(node):
+            gate = graph.call_module(gate_path, (task, scale))
+        with graph.inserting_after(gate):
+            folded = graph.call_function(scale_rows, (node, gate))
+        node.replace_all_uses_with(folded, delete_user_cb=lambda user: user is not folded)
+    layout.gated[target] = GatedLayer(target, gate_path, output_units(module), unit_dim(module),
+                                      None, GATE_IN_ROWS)
+    layout.frozen_in_gated += [f"{target}.{n}" for n, _ in module.named_parameters()
+                               if n not in ("weight", "bias")]
+
+
+def convert_leaf(gm: fx.GraphModule, target: str, nodes: list[fx.Node], num_tasks: int,
+                 mask_init: str, include: list[str] | None, exclude: list[str] | None,
+                 loose: str, task: fx.Node, scale: fx.Node, layout: Layout) -> bool:
+    """Convert inside the leaf ``target`` (leaves.py); False when it holds no layer to gate."""
+    module = gm.get_submodule(target)
+    plan = plan_leaf(module, target, lambda path: selected(path, include, exclude), loose)
+    if not plan.layers:  # nothing to gate inside: the loose policy decides
+        return False
+    gates_root = gm.get_submodule(GATES)
+    gate_paths = [add_gate(gates_root, path, layer, num_tasks, mask_init)
+                  for path, layer in plan.layers]
+    apply_plan(gm, target, plan, num_tasks)
+    route_calls(gm.graph, nodes, task, scale, gate_paths)
+    for (path, layer), gate_path in zip(plan.layers, gate_paths):
+        layout.gated[path] = GatedLayer(path, gate_path, output_units(layer), unit_dim(layer),
+                                        None, GATE_IN_LEAF, leaf=target)
+    layout.norms += [path for path, _ in plan.norms]
+    layout.task_leaves += [path for path, _ in plan.indexed]
+    layout.frozen_tensors += plan.frozen
+    layout.converted_leaves.append(target)
+    return True
 
 
 def task_index_or_freeze_leaf(gm: fx.GraphModule, target: str, module: nn.Module, num_tasks: int,
@@ -266,19 +476,27 @@ def task_index_or_freeze_leaf(gm: fx.GraphModule, target: str, module: nn.Module
 
 
 def index_loose_attributes(gm: fx.GraphModule, num_tasks: int, loose: str, task: fx.Node,
-                           layout: Layout) -> None:
-    """Parameters the graph reads directly: one copy per task, or frozen; buffers are constants."""
+                           layout: Layout, skip: set[str] = frozenset(),
+                           mutated: set[str] = frozenset()) -> None:
+    """Parameters the graph reads directly: one copy per task, or frozen; buffers are constants.
+
+    ``skip``: parameters of gated layers. ``mutated``: buffers the graph writes in place; they
+    are frozen (held once task 0 ends) rather than constants.
+    """
     params_root = nn.Module()
     gm.add_module(PARAMS, params_root)
     replaced: dict[str, str] = {}
     for node in list(gm.graph.nodes):
-        if node.op != "get_attr":
+        if node.op != "get_attr" or node.target in skip:
             continue
         owner_path, _, name = node.target.rpartition(".")
         owner = gm.get_submodule(owner_path) if owner_path else gm
         value = getattr(owner, name)
         if not isinstance(value, nn.Parameter):
-            if isinstance(value, torch.Tensor) and node.target not in layout.constant_buffers:
+            if isinstance(value, torch.Tensor) and node.target in mutated:
+                if node.target not in layout.frozen_tensors:
+                    layout.frozen_tensors.append(node.target)
+            elif isinstance(value, torch.Tensor) and node.target not in layout.constant_buffers:
                 layout.constant_buffers.append(node.target)
             continue
         if loose != "task":

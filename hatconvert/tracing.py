@@ -3,23 +3,32 @@
 Layers that hatconvert rewrites (gated layers, norms) must stay whole in the graph, so the tracer
 treats them as leaves by ``isinstance`` (timm's ``Conv2dSame`` or ``BatchNormAct2d`` count).
 timm's own not-traceable modules and functions, and those a user registers, are leaves too.
-When tracing fails, the error names the innermost module being traced and what to register.
+When tracing fails, the error names the innermost module being traced and what to register;
+with ``auto_leaves`` that module becomes a leaf instead and tracing starts again.
+
+Tracing bakes Python branches on ``self.training`` into the graph, so the model is traced in
+eval mode, where fidelity is judged, and once more in train mode to tell whether the two differ.
+Stochastic depth and the like stay whole (leaves), so that they keep acting in training.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
+import re
 import traceback
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch.fx as fx
 from torch import nn
 
 from .errors import ConversionError
-from .layers import is_gatable, is_norm
+from .layers import is_gatable, is_norm, train_only_types
 
 _user_leaf_modules: set[type] = set()
 _user_leaf_functions: set[Callable] = set()
+MAX_AUTO_LEAVES = 64  # failing submodules made leaves before giving up
 
 
 def register_leaf_module(cls: type) -> type:
@@ -54,15 +63,17 @@ def _timm_leaves() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
 class HATTracer(fx.Tracer):
     """torch.fx tracer whose leaves are rewritable layers plus timm's and the user's leaves."""
 
-    def __init__(self) -> None:
+    def __init__(self, leaf_paths: set[str] | None = None) -> None:
         timm_modules, timm_functions = _timm_leaves()
         super().__init__(autowrap_functions=timm_functions + tuple(_user_leaf_functions))
-        self._leaf_classes = timm_modules + tuple(_user_leaf_modules)
+        self._leaf_classes = timm_modules + tuple(_user_leaf_modules) + train_only_types()
+        self._leaf_paths = leaf_paths or set()  # submodules made leaves after tracing failed
         self.module_stack_paths: list[str] = []
         self.failed_in: str | None = None  # innermost module path when tracing raised
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if is_gatable(m) or is_norm(m) or isinstance(m, self._leaf_classes):
+        if is_gatable(m) or is_norm(m) or isinstance(m, self._leaf_classes) \
+                or module_qualified_name in self._leaf_paths:
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -89,24 +100,121 @@ def _user_frame(exc: BaseException) -> str:
     return "unknown location"
 
 
+@dataclass
+class Traced:
+    """A traced model and what tracing had to decide on the way."""
+
+    gm: fx.GraphModule
+    mode_dependent: bool = False  # the train-mode graph differs (or fails); the eval one is kept
+    auto_leaves: list[str] = field(default_factory=list)  # submodules made leaves to trace
+
+
 def trace(model: nn.Module, model_name: str = "model") -> fx.GraphModule:
     """Trace a deep copy of ``model``; the caller's model is never touched."""
+    return trace_model(model, model_name).gm
+
+
+def trace_model(model: nn.Module, model_name: str = "model", auto_leaves: bool = False) -> Traced:
+    """Trace a deep copy of ``model`` in eval mode; its modules keep their own modes afterwards.
+
+    ``auto_leaves``: when tracing breaks inside a submodule, keep that submodule whole (a leaf
+    called as it is) and trace again, instead of raising.
+    """
     root = copy.deepcopy(model)
-    tracer = HATTracer()
+    modes = {m: m.training for m in root.modules()}
+    leaves: list[str] = []
+    concrete = none_defaults(root)
+    root.eval()
     try:
-        graph = tracer.trace(root)
-    except Exception as exc:  # fx raises many kinds; all become one clear error
-        path = tracer.failed_in or ""
-        if path:
-            cls_name = type(root.get_submodule(path)).__name__
-            where = f"module '{path}' ({cls_name})"
-            hint = (f"hatconvert.register_leaf_module({cls_name}) to keep that module whole, or "
-                    f"hatconvert.register_leaf_function(fn) for the function that breaks")
-        else:
-            where = f"the top-level forward of {type(root).__name__}"
-            hint = "hatconvert.register_leaf_function(fn) for the function that breaks"
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise ConversionError(
-            f"cannot trace {model_name}: tracing broke inside {where}, in {_user_frame(exc)}: "
-            f"{type(exc).__name__}: {detail}. Register {hint}.") from exc
-    return fx.GraphModule(root, graph, class_name=type(root).__name__)
+        while True:
+            tracer = HATTracer(set(leaves))
+            try:
+                graph = tracer.trace(root, concrete_args=concrete)
+                break
+            except Exception as exc:
+                path = tracer.failed_in
+                if auto_leaves and path and path not in leaves and len(leaves) < MAX_AUTO_LEAVES:
+                    leaves.append(path)
+                    continue
+                raise _trace_error(root, tracer, exc, model_name) from exc
+        mode_dependent = _train_graph_differs(root, leaves, graph, concrete)
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+    gm = fx.GraphModule(root, graph, class_name=type(root).__name__)
+    keep_layers_read_directly(gm, root)
+    return Traced(gm, mode_dependent, leaves)
+
+
+def keep_layers_read_directly(gm: fx.GraphModule, root: nn.Module) -> None:
+    """Put back whole the Linear/conv layers whose weights the graph reads (``F.linear(x,
+    self.qkv.weight)``): fx copies only the tensors, into bare modules, and the rewrite needs to
+    know that they belong to a layer."""
+    for node in gm.graph.find_nodes(op="get_attr"):
+        owner = node.target.rpartition(".")[0]
+        if not owner:
+            continue
+        try:
+            layer, copied = root.get_submodule(owner), gm.get_submodule(owner)
+        except AttributeError:
+            continue
+        if is_gatable(layer) and type(copied) is nn.Module and not any(copied.children()):
+            parent, _, name = owner.rpartition(".")
+            setattr(gm.get_submodule(parent) if parent else gm, name, layer)
+
+
+def none_defaults(root: nn.Module) -> dict[str, Any] | None:
+    """Inputs after the first whose default is None or a Python constant: traced at that value,
+    as the model is called (``model(x)``).
+
+    A proxy is never ``None``, so tracing ``attn_mask=None`` as an input would bake the branch
+    that assumes it was given (``~patch_valid``), which then fails when it is not; a flag such
+    as ``is_causal=False`` would break tracing. fx checks at run time that they keep the value.
+    """
+    try:
+        params = list(inspect.signature(root.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    constants = (type(None), bool, int, float, str)
+    found = {p.name: p.default for p in params
+             if p.kind in kinds and type(p.default) in constants}
+    return found or None
+
+
+def _train_graph_differs(root: nn.Module, leaves: list[str], eval_graph: fx.Graph,
+                         concrete: dict[str, Any] | None) -> bool:
+    """Trace ``root`` in train mode too: do branches on ``self.training`` change the graph?"""
+    root.train()
+    try:
+        train_graph = HATTracer(set(leaves)).trace(root, concrete_args=concrete)
+    except Exception:  # the train-mode forward does not even trace: it differs
+        return True
+    finally:
+        root.eval()
+    return _code(train_graph) != _code(eval_graph)
+
+
+def _code(graph: fx.Graph) -> str:
+    """The graph's code, with the numbering of tensor constants (which goes on across traces of
+    one module) left out."""
+    return re.sub(r"_tensor_constant\d+", "_tensor_constant", graph.python_code("self").src)
+
+
+def _trace_error(root: nn.Module, tracer: HATTracer, exc: Exception, model_name: str
+                 ) -> ConversionError:
+    """One clear error for any tracing failure: where it broke and what to register."""
+    path = tracer.failed_in or ""
+    if path:
+        cls_name = type(root.get_submodule(path)).__name__
+        where = f"module '{path}' ({cls_name})"
+        hint = (f"hatconvert.register_leaf_module({cls_name}) to keep that module whole, or "
+                f"hatconvert.register_leaf_function(fn) for the function that breaks")
+    else:
+        where = f"the top-level forward of {type(root).__name__}"
+        hint = "hatconvert.register_leaf_function(fn) for the function that breaks"
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return ConversionError(
+        f"cannot trace {model_name}: tracing broke inside {where}, in {_user_frame(exc)}: "
+        f"{type(exc).__name__}: {detail}. Register {hint}, or convert with "
+        f"auto_leaves=True to keep failing submodules whole.")

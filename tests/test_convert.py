@@ -276,3 +276,12 @@ def test_bad_arguments_are_refused(kwargs, match):
 def test_unknown_timm_name_suggests_close_names():
     with pytest.raises(ConversionError, match="resnet18"):
         hatconvert.convert("resnet19", num_tasks=2)
+
+
+def test_head_subclasses_are_resized_keeping_their_class():
+    net = hatconvert.convert("mobilenetv3_small_100", num_tasks=2, num_classes=[3, 4]).eval()
+    head = net.model.get_submodule("classifier")
+    original = timm.create_model("mobilenetv3_small_100", num_classes=3).classifier
+    assert all(type(c) is type(original) for c in head.copies)  # timm's Linear subclass
+    x = torch.randn(1, 3, 64, 64)
+    assert [net(x, t).shape[1] for t in range(2)] == [3, 4]
