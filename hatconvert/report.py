@@ -52,7 +52,8 @@ class ConversionReport:
              "task 0)", lay.frozen_tensors),
             ("constant buffers read by the graph", lay.constant_buffers),
             ("submodules kept whole because tracing broke inside them", lay.auto_leaves),
-            ("tensors of the model its traced forward never uses (not in the network)",
+            ("tensors of the model the network does not hold (unused by the eval-mode "
+             "forward, or read once while tracing and baked into the graph as fixed values)",
              lay.dropped),
         ]
         for title, items in sections:

@@ -66,7 +66,7 @@ class Layout:
     original_keys: list[str] = field(default_factory=list)  # the model's state_dict (export)
     converted_leaves: list[str] = field(default_factory=list)  # leaves converted inside
     frozen_tensors: list[str] = field(default_factory=list)  # params and buffers, by full name
-    dropped: list[str] = field(default_factory=list)  # the model's tensors the graph never uses
+    dropped: list[str] = field(default_factory=list)  # model tensors the network does not hold
     auto_leaves: list[str] = field(default_factory=list)  # submodules kept whole to trace
     mode_dependent: bool = False  # train and eval graphs differ: the eval graph is kept
 
