@@ -19,21 +19,14 @@ from torch import nn
 
 import hatconvert
 from hatconvert import CheckpointError, ExportError, TaskError
+from helpers import train as shared_train
 from models import ResidualConcatNet, SequenceNet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def train(net, optimizer, task, x, y, steps=3):
-    net.train()
-    net.begin_task(task)
-    for b in range(steps):
-        s = hatconvert.mask_scale(b, steps)
-        loss = F.cross_entropy(net(x, task, s), y) + net.regularization(task, s)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    net.end_task()
+    shared_train(net, optimizer, task, x, y, steps)
 
 
 def outputs(net, x, tasks):

@@ -13,6 +13,7 @@ from torch import nn
 import hatconvert
 from hatconvert import TaskError
 from hatconvert.propagation import input_masks
+from helpers import eval_out, train
 from models import ResidualConcatNet
 
 OPTIMIZERS = {
@@ -27,24 +28,6 @@ MODELS = {
     "convnext_atto": (lambda: timm.create_model("convnext_atto", num_classes=4), (6, 3, 32, 32)),
     "residual-flatten": (lambda: ResidualConcatNet(classes=4), (6, 3, 16, 16)),
 }
-
-
-def train(net, optimizer, task, x, y, steps=4):
-    net.train()
-    net.begin_task(task)
-    for b in range(steps):
-        s = hatconvert.mask_scale(b, steps)
-        loss = F.cross_entropy(net(x, task, s), y) + net.regularization(task, s)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    net.end_task()
-
-
-def eval_out(net, x, task):
-    net.eval()
-    with torch.no_grad():
-        return net(x, task)
 
 
 @pytest.mark.parametrize("opt_name", list(OPTIMIZERS))

@@ -28,6 +28,7 @@ import hatconvert
 from hatconvert import ConversionError
 from hatconvert.propagation import input_masks
 from hatconvert.protection import weight_protection
+from helpers import eval_out, train
 from models import DataDependent
 
 
@@ -60,12 +61,6 @@ def assert_accounted(net: hatconvert.HATNetwork) -> None:
     assert "unaccounted 0" in str(net.report())
 
 
-def eval_out(net, x, task):
-    net.eval()
-    with torch.no_grad():
-        return net(x, task)
-
-
 def assert_zero_forgetting(model: nn.Module, x: torch.Tensor, classes: int, steps: int = 3,
                            **options) -> hatconvert.HATNetwork:
     """Three tasks, one AdamW with weight decay for all: tasks 0 and 1 stay bit-identical."""
@@ -73,16 +68,7 @@ def assert_zero_forgetting(model: nn.Module, x: torch.Tensor, classes: int, step
     optimizer = torch.optim.AdamW(net.parameters(), lr=0.05, weight_decay=0.05)
     expected = {}
     for task in range(3):
-        y = torch.randint(0, classes, (x.shape[0],))
-        net.train()
-        net.begin_task(task)
-        for b in range(steps):
-            s = hatconvert.mask_scale(b, steps)
-            loss = F.cross_entropy(net(x, task, s), y) + net.regularization(task, s)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        net.end_task()
+        train(net, optimizer, task, x, torch.randint(0, classes, (x.shape[0],)), steps)
         for earlier, out in expected.items():
             assert torch.equal(eval_out(net, x, earlier), out), f"task {earlier} changed"
         expected[task] = eval_out(net, x, task)
