@@ -199,17 +199,8 @@ def output_layers(gm: fx.GraphModule) -> list[str]:
 
 def find_output_layer(gm: fx.GraphModule) -> str | None:
     """The last gatable layer on the way back from the output: the default classifier."""
-    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-    seen, frontier = set(), list(output.all_input_nodes)
-    while frontier:
-        node = frontier.pop(0)
-        if node in seen:
-            continue
-        seen.add(node)
-        if node.op == "call_module" and is_gatable(gm.get_submodule(node.target)):
-            return node.target
-        frontier.extend(node.all_input_nodes)
-    return None
+    layers = output_layers(gm)
+    return layers[0] if layers else None
 
 
 def selected(path: str, include: list[str] | None, exclude: list[str] | None) -> bool:
