@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
+import stat
 import struct
 import uuid
 from collections import Counter
@@ -19,7 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .errors import CheckpointError, HATError
+from .errors import CheckpointError, HATError, one_line
 from .layers import output_units
 from .network import HATNetwork
 
@@ -35,22 +37,58 @@ REQUIRED = ("format_version", "hatconvert_version", "source", "num_tasks", "task
 
 
 # -- writing -------------------------------------------------------------------------------
-def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Run ``write(tmp)`` on a temporary file beside ``path``, then move it into place.
+def as_path(path: str | os.PathLike) -> str:
+    """``path`` as a string; a ``CheckpointError`` for anything that is not a file path."""
+    try:
+        name = os.fspath(path)
+    except TypeError:
+        name = None
+    if not isinstance(name, str):
+        raise CheckpointError(f"a file path must be a str or os.PathLike, got "
+                              f"{type(path).__name__}")
+    return name
 
-    A crash or an error leaves the target as it was: either the old file or none.
+
+def check_target(path: str | os.PathLike) -> str:
+    """``path`` as a string if a file can be written there; else a ``CheckpointError``.
+
+    Checked before any work so that a long conversion or load does not end in a refusal. A file
+    without any write permission bit counts as read-only even for root, whom ``os.access``
+    always lets write: the owner made it read-only to keep it.
     """
-    path = os.fspath(path)
+    path = as_path(path)
+    if not path:
+        raise CheckpointError("cannot write a file with an empty name: name the file to write")
+    if path.endswith(("/", os.sep)):
+        raise CheckpointError(f"cannot write {path!r}: it names a directory, not a file")
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise CheckpointError(f"cannot write {path!r}: directory {directory!r} does not exist")
     if os.path.isdir(path):
         raise CheckpointError(f"cannot write {path!r}: it is a directory")
+    if os.path.exists(path) and (not os.access(path, os.W_OK)
+                                 or not stat.S_IMODE(os.stat(path).st_mode) & 0o222):
+        raise CheckpointError(f"cannot write {path!r}: the file is read-only (make it writable "
+                              "or write elsewhere)")
+    return path
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Run ``write(tmp)`` on a temporary file beside ``path``, then move it into place.
+
+    A crash or an error leaves the target as it was: either the old file or none. The new file
+    gets the old file's mode, or for a new file the mode the umask gives (writers such as
+    safetensors create their own file with mode 0600).
+    """
+    path = check_target(path)
+    directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
     try:
         with open(tmp, "xb"):  # created here so that it gets the usual permissions (umask)
             pass
+        mode = stat.S_IMODE(os.stat(path if os.path.exists(path) else tmp).st_mode)
         write(tmp)
+        os.chmod(tmp, mode)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -138,9 +176,10 @@ def metadata(net: HATNetwork, aliases: dict[str, str], path: str) -> dict[str, s
 def save(net: HATNetwork, path: str | os.PathLike) -> None:
     """Write ``net`` to one safetensors file at ``path``, atomically.
 
-    Refused while a task is being trained: a checkpoint holds trained tasks only.
+    Refused while a task is being trained: a checkpoint holds trained tasks only; and for a
+    read-only file or a missing directory, before any tensor is gathered.
     """
-    path = os.fspath(path)
+    path = check_target(path)
     if not isinstance(net, HATNetwork):
         raise CheckpointError(f"cannot save {path!r}: expected a HATNetwork from "
                               f"hatconvert.convert, got {type(net).__name__}")
@@ -255,14 +294,30 @@ def parse_metadata(path: str, meta: dict[str, str]) -> dict[str, Any]:
 
 def describe(path: str | os.PathLike) -> dict[str, Any]:
     """A checkpoint's metadata (source, tasks trained, classes, ...) without loading tensors."""
-    path = os.fspath(path)
+    path = as_path(path)
     _, meta = read_header(path)
     return parse_metadata(path, meta)
 
 
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a safetensors file with hatconvert metadata (never raises).
+
+    Lets ``convert(weights=...)`` say that a checkpoint is not pretrained weights.
+    """
+    try:
+        _, meta = read_header(os.fspath(path))
+    except (CheckpointError, TypeError):
+        return False
+    return meta.get("format") == FORMAT
+
+
 def rebuild(path: str, info: dict[str, Any], model: nn.Module | None) -> HATNetwork:
-    """A fresh network converted like the saved one (its values are overwritten by the load)."""
-    from .convert import convert
+    """A fresh network converted like the saved one (its values are overwritten by the load).
+
+    timm's weight-loading keywords (``pretrained``, ``checkpoint_path``) are dropped: every value
+    comes from the file, so loading never reads or downloads pretrained weights.
+    """
+    from .convert import WEIGHT_KWARGS, convert
     config, source = info["config"], info["source"]
     accepted = set(inspect.signature(convert).parameters) - {"model", "num_tasks", "weights"}
     options = {k: v for k, v in config.items() if k in accepted}
@@ -273,7 +328,8 @@ def rebuild(path: str, info: dict[str, Any], model: nn.Module | None) -> HATNetw
                 f"{path!r} holds a custom model ({source.get('class', 'unknown class')}): pass "
                 "the original, untrained architecture with hatconvert.load(path, model=...)")
         target: nn.Module | str = source["name"]
-        options.update(source.get("kwargs") or {})
+        kwargs = source.get("kwargs") or {}  # older files may hold pretrained=True
+        options.update({k: v for k, v in kwargs.items() if k not in WEIGHT_KWARGS})
     else:
         target = model
     try:
@@ -323,38 +379,119 @@ def check_architecture(path: str, net: HATNetwork, header: dict[str, dict], info
                               f"(first difference: {diff[0][0]!r})")
 
 
+MAX_EXAMPLE_ELEMENTS = 2 ** 28  # one input sample; more is a damaged or edited header
+INDEX_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def parse_example(path: str, example: Any) -> tuple[list[int], torch.dtype] | None:
+    """The example input's shape and dtype from the metadata, checked before anything is built.
+
+    Dimensions must be ints >= 0 with at most ``MAX_EXAMPLE_ELEMENTS`` elements in all. The
+    dtype must name a torch dtype: floating (images, audio), or integer or bool (token ids);
+    an integer example for a network whose first layer takes floats is refused by
+    ``example_dtype`` once the network is built.
+    """
+    if example is None:
+        return None
+    shown = repr(example) if len(repr(example)) <= 120 else repr(example)[:120] + "..."
+    damaged = f"{path!r} has a damaged header: example input {shown}"
+    if not isinstance(example, dict) or not isinstance(example.get("shape"), list):
+        raise CheckpointError(f"{damaged} (expected a shape list and a dtype name)")
+    shape = example["shape"]
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+        raise CheckpointError(f"{damaged}: every dimension must be an int >= 0")
+    if math.prod(shape) > MAX_EXAMPLE_ELEMENTS or max(shape, default=0) > MAX_EXAMPLE_ELEMENTS:
+        raise CheckpointError(f"{damaged}: more elements than one input sample can hold (at "
+                              f"most {MAX_EXAMPLE_ELEMENTS})")
+    name = example.get("dtype")
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if not (isinstance(dtype, torch.dtype) and (dtype.is_floating_point or dtype in INDEX_DTYPES)):
+        raise CheckpointError(f"{damaged}: dtype {name!r} is not a floating, integer or bool "
+                              "torch dtype")
+    return shape, dtype
+
+
+def example_dtype(path: str, net: HATNetwork, dtype: torch.dtype) -> torch.dtype:
+    """The dtype to restore the example in: a float example follows the network's float dtype.
+
+    A network saved after ``.half()`` may hold a float32 example from an earlier forward; the
+    graph it propagates masks through needs its input in the weights' dtype. An integer example
+    must feed an index-taking layer: one that goes straight into a Linear/conv is refused.
+    """
+    floats = [p.dtype for p in net.parameters() if p.is_floating_point()]
+    if dtype.is_floating_point:
+        return floats[0] if floats else dtype
+    graph = net.model.graph
+    inputs = [n for n in graph.find_nodes(op="placeholder")
+              if n.target not in ("task_id", "mask_scale")]
+    for user in inputs[0].users if inputs else ():
+        if user.op == "call_module":
+            layer = net.model.get_submodule(user.target)
+            weight = getattr(layer, "weight", None)
+            if isinstance(weight, torch.Tensor) and weight.is_floating_point() and \
+                    isinstance(layer, (nn.Linear, nn.modules.conv._ConvNd)):
+                raise CheckpointError(
+                    f"{path!r} has a damaged header: its example input is {dtype} but the "
+                    f"network's first layer '{user.target}' takes floating-point input")
+    return dtype
+
+
+def check_device(device: torch.device | str | None) -> torch.device | None:
+    """``device`` as a torch.device that can hold tensors here; a ``CheckpointError`` if not."""
+    if device is None:
+        return None
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise CheckpointError(f"unknown device {device!r}: expected e.g. 'cpu' or 'cuda:0'") \
+            from None
+    try:
+        torch.empty(0, device=parsed)
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        raise CheckpointError(f"device {device!r} is not available here: "
+                              f"{one_line(exc)}") from None
+    return parsed
+
+
 def load(path: str | os.PathLike, model: nn.Module | None = None, *,
          device: torch.device | str | None = None) -> HATNetwork:
     """Rebuild a saved HAT network, in eval mode, from ``path``.
 
     A timm source is rebuilt from the name in the file; for a custom model pass the original
     architecture as ``model`` (its weights do not matter: every value comes from the file).
-    The file is checked before anything is built; any fault is a ``CheckpointError``.
+    The file and ``device`` are checked before anything is built; any fault is a
+    ``CheckpointError``.
     """
-    path = os.fspath(path)
+    path = as_path(path)
+    if model is not None and not isinstance(model, nn.Module):
+        raise CheckpointError(f"model= must be the original architecture as an nn.Module, got "
+                              f"{type(model).__name__} (a timm checkpoint needs no model=)")
+    target_device = check_device(device)
     header, meta = read_header(path)
     info = parse_metadata(path, meta)
-    example = info["example"]
-    try:
-        example_dtype = None if example is None else getattr(torch, example["dtype"])
-        if example is not None and not isinstance(example_dtype, torch.dtype):
-            raise ValueError(example["dtype"])
-        example_shape = None if example is None else [int(n) for n in example["shape"]]
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise CheckpointError(f"{path!r} has a damaged header: example input {example!r}") from exc
+    example = parse_example(path, info["example"])
     net = rebuild(path, info, model)
-    if device is not None:
-        net.to(device)
+    if target_device is not None:
+        net.to(target_device)
     check_architecture(path, net, header, info, model)
+    load_tensors(path, net, info, target_device)
+    if example is not None:
+        net.set_example(example[0], example_dtype(path, net, example[1]))
+    return net.eval()
+
+
+def load_tensors(path: str, net: HATNetwork, info: dict[str, Any],
+                 device: torch.device | None) -> None:
+    """Read the file's tensors into ``net``; a network saved in another float dtype keeps it."""
     from safetensors.torch import load_file
     try:
         state = load_file(path, device=str(device) if device is not None else "cpu")
     except Exception as exc:  # safetensors raises its own error types
-        raise CheckpointError(f"cannot read the tensors of {path!r}: {exc}") from exc
+        raise CheckpointError(f"cannot read the tensors of {path!r}: {one_line(exc)}") from exc
     for alias, name in info["aliases"].items():
         state[alias] = state[name]
     current = net.state_dict(keep_vars=True)
-    for name, value in state.items():  # a network saved in another float dtype keeps it
+    for name, value in state.items():
         target = current[name]
         if target.dtype != value.dtype:
             if not (target.is_floating_point() and value.is_floating_point()):
@@ -364,7 +501,4 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *,
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"{path!r} does not fit the network: {exc}") from exc
-    if example_shape is not None:
-        net.set_example(example_shape, example_dtype)
-    return net.eval()
+        raise CheckpointError(f"{path!r} does not fit the network: {one_line(exc)}") from exc

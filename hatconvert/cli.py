@@ -7,7 +7,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Sequence
 
-from .errors import HATError
+from .errors import CheckpointError, HATError, one_line
 
 if TYPE_CHECKING:
     from .network import HATNetwork
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="policy for loose parameters and leaves with hidden weights")
     conv.add_argument("-o", "--output", default=None, metavar="FILE",
                       help="save the converted network to this .safetensors file")
+    add_force(conv)
 
     insp = commands.add_parser(
         "inspect", help="show the tasks trained, mask usage per layer and task, and capacity",
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("checkpoint", help="a .safetensors file written by hatconvert")
     insp.add_argument("--plot", default=None, metavar="FILE.png",
                       help="also write a heatmap of usage per layer and task as a PNG")
+    add_force(insp)
 
     exp = commands.add_parser(
         "export", help="write one task as plain weights of the original model",
@@ -50,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the .safetensors file to write")
     exp.add_argument("--allow-untrained", action="store_true",
                      help="export a task that was never trained (its initial masks)")
+    add_force(exp)
 
     forg = commands.add_parser(
         "forget", help="release the units only one task used and save the result",
@@ -58,8 +61,37 @@ def build_parser() -> argparse.ArgumentParser:
     forg.add_argument("checkpoint", help="a .safetensors file written by hatconvert")
     forg.add_argument("--task", type=int, required=True, help="the task to forget")
     forg.add_argument("-o", "--output", required=True, metavar="FILE",
-                      help="where to save the network without the task (may be the input)")
+                      help="where to save the network without the task (not the input: "
+                           "write elsewhere, then rename)")
+    add_force(forg)
     return parser
+
+
+def add_force(parser: argparse.ArgumentParser) -> None:
+    """``--force`` on every command that writes: replacing a file must be asked for."""
+    parser.add_argument("--force", action="store_true",
+                        help="replace the output file if it exists (never the input file)")
+
+
+def check_output(path: str | None, option: str, force: bool, inputs: Sequence[str | None]) -> None:
+    """Refuse an output that would destroy a file, before any slow work.
+
+    An existing file is kept unless ``--force``; an input file is never written over, even with
+    ``--force``: a failed or wrong result would lose the only copy.
+    """
+    from .checkpoint import check_target
+    if path is None:
+        return
+    if not path:
+        raise CheckpointError(f"{option} is empty: name the file to write")
+    for source in inputs:
+        if source and os.path.exists(source) and os.path.exists(path) and \
+                os.path.samefile(source, path):
+            raise CheckpointError(f"{option} {path!r} is the input file {source!r}: write "
+                                  "elsewhere (and rename afterwards if you mean to replace it)")
+    check_target(path)
+    if os.path.exists(path) and not force:
+        raise CheckpointError(f"{option} {path!r} already exists: pass --force to replace it")
 
 
 def progress(total: int, desc: str):
@@ -79,21 +111,22 @@ def load_checkpoint(path: str, bar) -> HATNetwork:
 
 def run_convert(args: argparse.Namespace) -> int:
     from .convert import convert
+    check_output(args.output, "-o", args.force, [args.weights])
     classes = args.num_classes
     if classes is not None and len(classes) == 1:
         classes = classes[0]
-    with progress(2 if args.output else 1, "convert") as bar:  # closed before any error line
+    with progress(1 if args.output is None else 2, "convert") as bar:  # closed before errors
         bar.set_postfix_str(f"converting {args.model}")
         net = convert(args.model, num_tasks=args.num_tasks, num_classes=classes,
                       mask_init=args.mask_init, loose=args.loose, weights=args.weights)
         bar.update(1)
-        if args.output:
+        if args.output is not None:
             from .checkpoint import save
             bar.set_postfix_str(f"writing {args.output}")
             save(net, args.output)
             bar.update(1)
     print(net.report())
-    if args.output:
+    if args.output is not None:
         print(f"saved to {args.output}")
     return 0
 
@@ -101,13 +134,14 @@ def run_convert(args: argparse.Namespace) -> int:
 def run_inspect(args: argparse.Namespace) -> int:
     from .checkpoint import describe
     from .usage import free_per_layer, overall_capacity, usage_heatmap, usage_table
+    check_output(args.plot, "--plot", args.force, [args.checkpoint])
     info = describe(args.checkpoint)
-    with progress(3 if args.plot else 2, "inspect") as bar:
+    with progress(2 if args.plot is None else 3, "inspect") as bar:
         net = load_checkpoint(args.checkpoint, bar)
         bar.set_postfix_str("propagating masks")
         free = free_per_layer(net)
         bar.update(1)
-        if args.plot:
+        if args.plot is not None:
             bar.set_postfix_str(f"writing {args.plot}")
             usage_heatmap(net, args.plot, free)
             bar.update(1)
@@ -127,13 +161,14 @@ def run_inspect(args: argparse.Namespace) -> int:
               "biases free")
     print()
     print(usage_table(net, free))
-    if args.plot:
+    if args.plot is not None:
         print(f"\nheatmap written to {args.plot}")
     return 0
 
 
 def run_export(args: argparse.Namespace) -> int:
     from .export import export
+    check_output(args.output, "-o", args.force, [args.checkpoint])
     with progress(2, "export") as bar:
         net = load_checkpoint(args.checkpoint, bar)
         bar.set_postfix_str(f"writing {args.output}")
@@ -149,6 +184,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 def run_forget(args: argparse.Namespace) -> int:
     from .checkpoint import save
+    check_output(args.output, "-o", args.force, [args.checkpoint])
     with progress(2, "forget") as bar:
         net = load_checkpoint(args.checkpoint, bar)
         before = net.capacity()
@@ -168,14 +204,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "forget": run_forget}
         return commands[args.command](args)
     except HATError as exc:
-        print(f"hatconvert: error: {exc}", file=sys.stderr)
+        print(f"hatconvert: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # stdout closed early (| head): not an error of ours
         sys.stdout = open(os.devnull, "w")
         return 0
     except OSError as exc:  # a file the user named cannot be read or written
         where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
-        print(f"hatconvert: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        print(f"hatconvert: error: {where}{one_line(exc.strerror or exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("hatconvert: interrupted", file=sys.stderr)

@@ -8,8 +8,9 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from .errors import ConversionError
-from .gates import MASK_INITS
+from .errors import ConversionError, one_line
+from .gates import MASK_INITS, HATGate
+from .layers import is_gatable
 from .network import HATNetwork
 from .report import ConversionReport, classify_tensors
 from .rewrite import Layout
@@ -18,6 +19,32 @@ from .tracing import trace_model
 
 LOOSE_POLICIES = ("task", "freeze")
 CONVERSION_MASK_INITS = ("normal", "uniform", "dense")
+
+
+# timm.create_model keywords that load weights rather than shape the architecture: not stored
+# in a checkpoint's source (and dropped on rebuild), since every value comes from the file.
+# pretrained_cfg and pretrained_cfg_overlay stay: they can set num_classes and the input size.
+WEIGHT_KWARGS = ("pretrained", "checkpoint_path", "cache_dir", "pretrained_strict")
+
+
+def check_weights_file(weights: str | os.PathLike) -> str:
+    """``weights`` as a path to a file of pretrained weights; a ``ConversionError`` if it is not."""
+    try:
+        path = os.fspath(weights)
+    except TypeError:
+        raise ConversionError(f"weights must be a file path, got {type(weights).__name__}") \
+            from None
+    if not isinstance(path, str):
+        raise ConversionError(f"weights must be a file path, got {path!r}")
+    if os.path.isdir(path):
+        raise ConversionError(f"weights {path!r} is a directory, not a file of pretrained weights")
+    if not os.path.isfile(path):
+        raise ConversionError(f"weights file {path!r} does not exist")
+    from .checkpoint import is_checkpoint
+    if is_checkpoint(path):
+        raise ConversionError(f"weights file {path!r} is a hatconvert checkpoint, not pretrained "
+                              "weights of the model; use hatconvert.load to read it")
+    return path
 
 
 def create_timm_model(name: str, num_classes: int | None = None,
@@ -34,14 +61,17 @@ def create_timm_model(name: str, num_classes: int | None = None,
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     if weights is not None:
-        if not os.path.isfile(weights):
-            raise ConversionError(f"weights file {os.fspath(weights)!r} does not exist")
-        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=os.fspath(weights)))
+        weights = check_weights_file(weights)
+        given = kwargs.get("pretrained_cfg_overlay") or {}
+        if not isinstance(given, dict):
+            raise ConversionError(f"pretrained_cfg_overlay must be a dict, got {given!r}")
+        overlay = dict(given, file=weights)
+        kwargs.update(pretrained=True, pretrained_cfg_overlay=overlay)
     try:
         return timm.create_model(name, **kwargs)
     except Exception as exc:
-        source = f" with weights {os.fspath(weights)!r}" if weights is not None else ""
-        raise ConversionError(f"timm could not create {name!r}{source}: {exc}") from exc
+        source = f" with weights {weights!r}" if weights is not None else ""
+        raise ConversionError(f"timm could not create {name!r}{source}: {one_line(exc)}") from exc
 
 
 def classifier_path(model: nn.Module, traced_default: str | None,
@@ -78,8 +108,8 @@ def classifier_path(model: nn.Module, traced_default: str | None,
 
 def convert(model: nn.Module | str, num_tasks: int, *, num_classes: int | Sequence[int] | None = None,
             mask_init: str = "normal", head: str | Sequence[str] | bool | None = None,
-            loose: str = "task", include: Sequence[str] | None = None,
-            exclude: Sequence[str] | None = None, leaves: str = "convert",
+            loose: str = "task", include: str | Sequence[str] | None = None,
+            exclude: str | Sequence[str] | None = None, leaves: str = "convert",
             auto_leaves: bool = False, weights: str | os.PathLike | None = None,
             **timm_kwargs: Any) -> HATNetwork:
     """Convert ``model`` (an ``nn.Module`` or a timm model name) into a HAT network.
@@ -95,7 +125,8 @@ def convert(model: nn.Module | str, num_tasks: int, *, num_classes: int | Sequen
         loose: ``task`` gives parameters the graph reads directly (``pos_embed``, ``cls_token``,
             layer-scale ``gamma``) and leaves with hidden weights one copy per task; ``freeze``
             keeps one copy that is frozen once task 0 ends.
-        include, exclude: module-path patterns (fnmatch) choosing which layers are gated.
+        include, exclude: module-path patterns (fnmatch) choosing which layers are gated; one
+            string is one pattern.
         leaves: ``convert`` gates the Linear/conv layers inside leaf modules that fx does not
             trace (timm's not-traceable blocks, ``nn.MultiheadAttention``), task-indexes their
             norms and freezes the rest of them; ``loose`` treats such leaves by ``loose``.
@@ -106,24 +137,16 @@ def convert(model: nn.Module | str, num_tasks: int, *, num_classes: int | Sequen
 
     The caller's model is never modified; the conversion works on a copy.
     """
-    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
-        raise ConversionError(f"num_tasks must be an int >= 1, got {num_tasks!r}")
-    if mask_init not in CONVERSION_MASK_INITS:
-        raise ConversionError(f"unknown mask_init {mask_init!r}; choose one of "
-                              f"{', '.join(CONVERSION_MASK_INITS)} (begin_task also takes "
-                              f"{', '.join(m for m in MASK_INITS if m not in CONVERSION_MASK_INITS)})")
-    if loose not in LOOSE_POLICIES:
-        raise ConversionError(f"unknown loose policy {loose!r}; choose one of {', '.join(LOOSE_POLICIES)}")
-    if leaves not in LEAF_POLICIES:
-        raise ConversionError(f"unknown leaves policy {leaves!r}; choose one of "
-                              f"{', '.join(LEAF_POLICIES)}")
+    check_options(model, num_tasks, mask_init, loose, leaves, auto_leaves)
+    include, exclude = patterns(include, "include"), patterns(exclude, "exclude")
     head_classes = check_num_classes(num_classes, num_tasks)
 
     if isinstance(model, str):
         name = model
         model = create_timm_model(name, num_classes=head_classes[0] if head_classes else None,
                                   weights=weights, **timm_kwargs)
-        source: dict[str, Any] = {"kind": "timm", "name": name, "kwargs": dict(timm_kwargs)}
+        kept = {k: v for k, v in timm_kwargs.items() if k not in WEIGHT_KWARGS}
+        source: dict[str, Any] = {"kind": "timm", "name": name, "kwargs": kept}
     elif isinstance(model, nn.Module):
         if weights is not None or timm_kwargs:
             raise ConversionError("weights and timm keyword arguments apply to a timm model name; "
@@ -156,8 +179,7 @@ def convert(model: nn.Module | str, num_tasks: int, *, num_classes: int | Sequen
 
     original_keys = list(model.state_dict())
     layout = rewrite(gm, num_tasks, head=head_path, head_classes=head_classes, mask_init=mask_init,
-                     loose=loose, include=list(include) if include else None,
-                     exclude=list(exclude) if exclude else None, leaves=leaves)
+                     loose=loose, include=include, exclude=exclude, leaves=leaves)
     layout.original_keys = original_keys
     layout.mode_dependent = traced.mode_dependent
     layout.auto_leaves = list(traced.auto_leaves)
@@ -165,9 +187,7 @@ def convert(model: nn.Module | str, num_tasks: int, *, num_classes: int | Sequen
     dropped = set(layout.dropped)  # the overhead compares what the network holds
     original_params = sum(p.numel() for n, p in model.named_parameters() if n not in dropped)
     if not layout.gated:
-        raise ConversionError(
-            f"no layer of {name} was gated: nothing matched include={list(include or [])} "
-            f"exclude={list(exclude or [])} among its Linear/Conv layers")
+        raise nothing_gated(model, name, head_path, include, exclude)
     report = ConversionReport(layout, num_tasks, original_params,
                               sum(p.numel() for p in gm.parameters()),
                               classify_tensors(gm, layout))
@@ -176,6 +196,63 @@ def convert(model: nn.Module | str, num_tasks: int, *, num_classes: int | Sequen
                   exclude=list(exclude or []), leaves=leaves, auto_leaves=auto_leaves,
                   source=source)
     return HATNetwork(gm, layout, report, num_tasks, config)
+
+
+def check_options(model: Any, num_tasks: Any, mask_init: Any, loose: Any, leaves: Any,
+                  auto_leaves: Any) -> None:
+    """Refuse a bad option before any model is built, naming the option."""
+    if isinstance(model, HATNetwork) or (isinstance(model, nn.Module) and any(
+            isinstance(m, HATGate) for m in model.modules())):
+        raise ConversionError(f"{type(model).__name__} is already a HAT network (it holds HAT "
+                              "gates): convert the original model, or keep training this one")
+    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
+        raise ConversionError(f"num_tasks must be an int >= 1, got {num_tasks!r}")
+    if not isinstance(mask_init, str) or mask_init not in CONVERSION_MASK_INITS:
+        others = ", ".join(m for m in MASK_INITS if m not in CONVERSION_MASK_INITS)
+        raise ConversionError(f"unknown mask_init {mask_init!r}; choose one of "
+                              f"{', '.join(CONVERSION_MASK_INITS)} (begin_task also takes "
+                              f"{others})")
+    if not isinstance(loose, str) or loose not in LOOSE_POLICIES:
+        raise ConversionError(f"unknown loose policy {loose!r}; choose one of "
+                              f"{', '.join(LOOSE_POLICIES)}")
+    if not isinstance(leaves, str) or leaves not in LEAF_POLICIES:
+        raise ConversionError(f"unknown leaves policy {leaves!r}; choose one of "
+                              f"{', '.join(LEAF_POLICIES)}")
+    if not isinstance(auto_leaves, bool):
+        raise ConversionError(f"auto_leaves must be True or False, got {auto_leaves!r}")
+
+
+def patterns(value: str | Sequence[str] | None, option: str) -> list[str] | None:
+    """``include``/``exclude`` as a list of fnmatch patterns; one string is one pattern."""
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple, set, frozenset)) or \
+            not all(isinstance(p, str) for p in items):
+        raise ConversionError(f"{option} must be a module-path pattern or a list of them, "
+                              f"got {value!r}")
+    return list(items) or None
+
+
+def nothing_gated(model: nn.Module, name: str, heads: str | list[str] | None,
+                  include: list[str] | None, exclude: list[str] | None) -> ConversionError:
+    """Why no layer was gated: the model is one layer, every layer is a head, or the patterns."""
+    if is_gatable(model):
+        return ConversionError(
+            f"the model is a single {type(model).__name__} layer, and hatconvert gates the "
+            "layers inside a model: wrap it (nn.Sequential(layer)) and pass head=False to gate it")
+    layers = [p for p, m in model.named_modules() if p and is_gatable(m)]
+    heads = [] if heads is None else [heads] if isinstance(heads, str) else list(heads)
+    if not layers:
+        return ConversionError(f"{name} has no Linear or convolution layer to gate")
+    if all(p in heads for p in layers):
+        which = ", ".join(f"'{p}'" for p in layers[:5])
+        its = f"its only weighted layer {which} is" if len(layers) == 1 else \
+            f"its weighted layers {which} are all"
+        return ConversionError(f"no layer of {name} was gated: {its} the head (one copy per "
+                               "task, never gated); pass head=False to gate it instead")
+    return ConversionError(f"no layer of {name} was gated: nothing matched include="
+                           f"{include or []} exclude={exclude or []} among its Linear/Conv layers")
 
 
 def unused_tensors(model: nn.Module, gm: nn.Module, layout: Layout) -> list[str]:

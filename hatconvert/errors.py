@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class HATError(Exception):
     """Base class of every error hatconvert raises on purpose."""
@@ -21,3 +23,25 @@ class CheckpointError(HATError):
 
 class ExportError(HATError):
     """A task cannot be exported as plain weights; the message names the layer at fault."""
+
+
+def one_line(message: object, keep: int = 5) -> str:
+    """``message`` (often torch's or timm's) on one line, each list of quoted names cut to ``keep``.
+
+    ``load_state_dict`` errors list every missing key, kilobytes of them; a user needs the first
+    few and the count. Lines are joined with "; " (a space after a colon): the CLI prints one
+    line.
+    """
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+
+    def cut(match: re.Match) -> str:
+        names = re.findall(r'"[^"]*"|\'[^\']*\'', match.group(0))
+        if len(names) <= keep:
+            return match.group(0)
+        return f"{', '.join(names[:keep])}, ... ({len(names)} in all)"
+    quoted = r'(?:"[^"]*"|\'[^\']*\')'
+    lines = [re.sub(rf"{quoted}(?:, {quoted})+", cut, line) for line in lines]
+    if len(lines) > keep:
+        lines = lines[:keep] + [f"... ({len(lines) - keep} more lines)"]
+    return "".join(line + (" " if line.endswith(":") else "; ") for line in lines[:-1]) + \
+        (lines[-1] if lines else "")

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvTransposeNd
 
-from .checkpoint import write_atomic, write_safetensors
+from .checkpoint import check_target, write_atomic, write_safetensors
 from .errors import ExportError, TaskError
-from .layers import is_cond_conv
+from .layers import gate_behind_norm, is_cond_conv
 from .network import HATNetwork
 from .rewrite import GATES
 
@@ -98,6 +98,42 @@ def fold_into_norm(state: dict[str, torch.Tensor], net: HATNetwork, path: str, n
         state[key] = scale_units(state[key], mask, norm, norm_path)
 
 
+def gates_behind_norms(net: HATNetwork, t: int) -> dict[str, bool]:
+    """Per gated layer with a norm after it, whether its gate sits behind the norm.
+
+    A conv's always does; a Linear's only where the norm's channel dim is the Linear's last dim,
+    which depends on the input's rank: the network's example input runs once to find out.
+    """
+    sides = {path: True for path, info in net.layout.gated.items() if info.norm is not None}
+    linear = {info.norm: path for path, info in net.layout.gated.items()
+              if info.norm is not None and info.unit_dim != 1}
+    if not linear:
+        return sides
+    example = net.example_input()
+    if example is None:
+        raise ExportError(f"cannot tell on which side of norm '{next(iter(linear))}' the gate "
+                          f"of Linear '{linear[next(iter(linear))]}' sits before the network "
+                          "has seen an input: run one forward pass, then export")
+
+    def record(norm_path: str):
+        def hook(module, args, kwargs):
+            sides[linear[norm_path]] = gate_behind_norm(module.copies[t], args[0],
+                                                        kwargs.get("gate_dim", 1))
+        return hook
+    handles = [net.model.get_submodule(n).register_forward_pre_hook(record(n), with_kwargs=True)
+               for n in linear]
+    training = net.training
+    try:
+        net.eval()
+        with torch.no_grad():
+            net(example, t)
+    finally:
+        net.train(training)
+        for handle in handles:
+            handle.remove()
+    return sides
+
+
 def fold_masks(state: dict[str, torch.Tensor], net: HATNetwork, t: int) -> None:
     """Fold task ``t``'s hard mask of every gated layer into ``state`` in place.
 
@@ -106,9 +142,10 @@ def fold_masks(state: dict[str, torch.Tensor], net: HATNetwork, t: int) -> None:
     which equals the layer with its weight rows and bias scaled.
     """
     gates = net.gates()
+    behind = gates_behind_norms(net, t)
     for path, info in net.layout.gated.items():
         mask = gates[path].mask(t).detach()
-        if info.norm is not None and info.mode in ("norm", "output"):
+        if info.norm is not None and info.mode in ("norm", "output") and behind[path]:
             fold_into_norm(state, net, path, info.norm, t, mask)
             continue
         if getattr(info, "external_bias", False) and not bool(mask.all()):
@@ -152,9 +189,11 @@ def export(net: HATNetwork, task_id: int, path: str | os.PathLike | None = None,
     the task's class count and ``load_state_dict`` the result. ``model`` (the original) supplies
     tensors the traced forward never used, which the HAT network does not hold. An untrained
     task is refused unless ``allow_untrained`` (its masks are the initial embeddings' signs).
+    The file is written atomically, with the mode a new file gets (or the replaced file's).
     """
     if not isinstance(net, HATNetwork):
         raise ExportError(f"export expects a HATNetwork, got {type(net).__name__}")
+    target = None if path is None else check_target(path)  # before any work: read-only, no dir
     t = net.check_task_id(task_id)
     if t == net.active_task:
         raise TaskError(f"task {t} is being trained: call end_task() before exporting it")
@@ -180,8 +219,7 @@ def export(net: HATNetwork, task_id: int, path: str | os.PathLike | None = None,
         for key in missing:
             state[key] = reference[key].detach().clone()
     result = {k: state[k].contiguous() for k in keys}
-    if path is not None:
-        target = os.fspath(path)
+    if target is not None:
         meta = {"format": "pt", "hatconvert_task": str(t),
                 "hatconvert_source": json.dumps(net.config.get("source"), default=str)}
         write_atomic(target, lambda tmp: write_safetensors(result, tmp, meta, target))

@@ -49,8 +49,10 @@ def soft_gate(embedding: torch.Tensor, mask_scale: float | torch.Tensor) -> torc
 
 
 def hard_gate(embedding: torch.Tensor) -> torch.Tensor:
-    """``1[e > 0]`` as exactly 0.0 or 1.0."""
-    return (embedding > 0).to(embedding.dtype)
+    """``e > 0`` as a bool tensor: applied with ``torch.where``, not multiplied, so that a closed
+    unit gives exactly 0 even where a later task's free weights hold NaN or inf (``0 * nan``
+    would be NaN)."""
+    return embedding > 0
 
 
 class HATGate(nn.Module):
@@ -70,11 +72,14 @@ class HATGate(nn.Module):
         return self.embedding.shape[1]
 
     def forward(self, task_id: int, mask_scale: float | torch.Tensor | None = None) -> torch.Tensor:
-        """The gate vector ``(units,)`` of ``task_id``: soft with a mask scale, hard without."""
+        """The gate ``(units,)`` of ``task_id`` as the graph applies it: soft values with a
+        mask scale, a bool mask without (see ``hard_gate``)."""
         e = self.embedding[task_id]
         return hard_gate(e) if mask_scale is None else soft_gate(e, mask_scale)
 
-    mask = forward
+    def mask(self, task_id: int, mask_scale: float | torch.Tensor | None = None) -> torch.Tensor:
+        """The gate vector as numbers: soft with a mask scale, exactly 0.0 or 1.0 without."""
+        return self(task_id, mask_scale).to(self.embedding.dtype)
 
     def cumulative(self, tasks: list[int]) -> torch.Tensor:
         """``max`` of the stored masks of ``tasks`` (zeros for no task): which units they use."""
@@ -102,23 +107,29 @@ def can_fold_into_norm(norm: nn.Module) -> bool:
     return type(norm) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) and norm.affine
 
 
+def _unit_view(gate: torch.Tensor, ndim: int, dim: int) -> torch.Tensor:
+    shape = [1] * ndim
+    shape[dim] = gate.shape[0]
+    return gate.view(shape)
+
+
 def apply_gate(x: torch.Tensor, gate: torch.Tensor, unit_dim: int) -> torch.Tensor:
-    """``x`` times ``gate`` along ``unit_dim``."""
-    shape = [1] * x.ndim
-    shape[unit_dim] = gate.shape[0]
-    return x * gate.to(x.dtype).view(shape)
+    """``x`` times ``gate`` along ``unit_dim``; a hard (bool) gate selects, so closed is 0."""
+    g = _unit_view(gate, x.ndim, unit_dim)
+    if g.dtype == torch.bool:
+        return torch.where(g, x, 0.0)
+    return x * g.to(x.dtype)
 
 
 def scale_rows(tensor: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """A layer's weight or bias with row ``o`` (output unit ``o``) times ``gate[o]``."""
-    return tensor * gate.to(tensor.dtype).view(-1, *([1] * (tensor.ndim - 1)))
+    return apply_gate(tensor, gate, 0)
 
 
 def gated_layer(x: torch.Tensor, layer: nn.Module, gate: torch.Tensor) -> torch.Tensor:
     """``gate * layer(x)`` for an exact Linear or ConvNd, with the gate folded into its rows."""
-    g = gate.to(layer.weight.dtype)
-    weight = layer.weight * g.view(-1, *([1] * (layer.weight.ndim - 1)))
-    bias = None if layer.bias is None else layer.bias * g
+    weight = scale_rows(layer.weight, gate)
+    bias = None if layer.bias is None else scale_rows(layer.bias, gate)
     if isinstance(layer, nn.Linear):
         return F.linear(x, weight, bias)
     return layer._conv_forward(x, weight, bias)
@@ -136,6 +147,6 @@ def gated_batch_norm(bn: nn.Module, x: torch.Tensor, gate: torch.Tensor) -> torc
         factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
     use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
     track = not bn.training or bn.track_running_stats
-    g = gate.to(bn.weight.dtype)
     return F.batch_norm(x, bn.running_mean if track else None, bn.running_var if track else None,
-                        bn.weight * g, bn.bias * g, use_batch, factor, bn.eps)
+                        scale_rows(bn.weight, gate), scale_rows(bn.bias, gate), use_batch, factor,
+                        bn.eps)

@@ -17,7 +17,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from .gates import gated_batch_norm
+from .gates import apply_gate, can_fold_into_norm, gated_batch_norm
 
 GATABLE_TYPES: tuple[type, ...] = (nn.Linear, _ConvNd)
 NORM_TYPES: tuple[type, ...] = (_BatchNorm, _InstanceNorm, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
@@ -142,6 +142,26 @@ def normalizes_each_unit(norm: nn.Module) -> bool:
     return isinstance(norm, nn.GroupNorm) and norm.num_groups == norm.num_channels
 
 
+def norm_channel_dim(norm: nn.Module, x: torch.Tensor) -> int:
+    """The dim of ``x`` that ``norm`` keeps apart: 0 for an unbatched InstanceNorm input, else 1."""
+    if isinstance(norm, _InstanceNorm) and x.ndim == norm._get_no_batch_dim():
+        return 0
+    return 1
+
+
+def gate_behind_norm(norm: nn.Module, x: torch.Tensor, unit_dim: int) -> bool:
+    """Whether a gate on ``unit_dim`` of ``x`` may sit behind ``norm``: only when the norm's
+    channel dim is that very dim (a Linear on ``(B, L, F)`` before ``BatchNorm1d(L)`` is not)."""
+    return x.ndim > 0 and unit_dim % x.ndim == norm_channel_dim(norm, x)
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether the user registered forward or backward hooks on ``module`` (they run only when
+    the module itself is called, so hatconvert must not fold it away)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
 def output_units(module: nn.Module) -> int:
     """Number of output units a gate of this layer has."""
     if isinstance(module, nn.Linear):
@@ -173,11 +193,21 @@ class TaskIndexed(nn.Module):
         self.copies = nn.ModuleList(copies)
 
     def forward(self, *args: Any, task_id: int, gate: torch.Tensor | None = None,
-                **kwargs: Any) -> Any:
+                gate_dim: int = 1, **kwargs: Any) -> Any:
+        """Run task ``task_id``'s copy; ``gate`` (of the layer before a norm) on ``gate_dim``.
+
+        The gate goes behind the norm when the norm keeps that dim's units apart (folded into
+        an exact BatchNorm's affine), else before it, where the norm mixes the units.
+        """
         module = self.copies[task_id]
-        if gate is not None:  # only set for exact BatchNorms (see gates.GATE_IN_NORM)
-            return gated_batch_norm(module, args[0], gate)
-        return module(*args, **kwargs)
+        if gate is None:
+            return module(*args, **kwargs)
+        x = args[0]
+        if not gate_behind_norm(module, x, gate_dim):
+            return module(apply_gate(x, gate, gate_dim), *args[1:], **kwargs)
+        if can_fold_into_norm(module) and not has_hooks(module):
+            return gated_batch_norm(module, x, gate)
+        return apply_gate(module(*args, **kwargs), gate, norm_channel_dim(module, x))
 
 
 class TaskParameter(nn.Module):

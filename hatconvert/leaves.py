@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvTransposeNd
 
 from .errors import HATError
-from .gates import apply_gate
+from .gates import apply_gate, scale_rows
 from .layers import TaskIndexed, is_cond_conv, is_gatable, is_norm, unit_dim
 
 
@@ -100,8 +100,7 @@ class GatedInLeaf:
             raise HATError(f"code inside a converted leaf reads the {name} of a "
                            f"{type(self).__name__} directly; its rows are not its output units, "
                            "so the gate cannot be folded in: convert with leaves='loose'")
-        gate = scope.gates[self.hat_gate_index].to(value.dtype)
-        return value * gate.view(-1, *([1] * (value.ndim - 1)))
+        return scale_rows(value, scope.gates[self.hat_gate_index])
 
 
 _TWINS: dict[tuple[type, type], type] = {}

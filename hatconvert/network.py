@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -12,8 +13,8 @@ from torch import nn
 from .errors import HATError, TaskError
 from .gates import MASK_INITS, HATGate, init_embedding_, soft_gate
 from .propagation import input_masks
-from .protection import (ADJUSTMENTS, EMBEDDING_CLAMP, Guard, adjustment_rate, compensate, hold,
-                         weight_protection)
+from .protection import ADJUSTMENTS, Guard, arm_task, weight_protection
+from .steps import check_step, watch
 from .report import ConversionReport
 from .rewrite import Layout
 
@@ -42,6 +43,28 @@ class HATNetwork(nn.Module):
         self._needs_arming = False
         self._example: torch.Tensor | None = None  # one input sample: shapes for propagation
         self._last_scale: float | None = None
+        self._task_start: dict[str, torch.Tensor] | None = None  # embedding rows at begin_task
+        self._task_trained_on = False  # a forward of the active task with gradients ran
+        self._warned_optimizers: set[int] = set()
+        watch(self)
+
+    # -- copies and pickling ---------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy or pickle holds no armed protection; an active task is armed again in the
+        copy before its first forward or optimizer step (protected entries are unchanged
+        since begin_task, so the copy protects the same values)."""
+        state = super().__getstate__()
+        state["_guard"] = None
+        state["_needs_arming"] = self.active_task is not None
+        state["_warned_optimizers"] = set()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        watch(self)
+
+    def parameter_ids(self) -> set[int]:
+        return {id(p) for p in self.parameters()}
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x: Any, task_id: int | torch.Tensor,
@@ -55,7 +78,9 @@ class HATNetwork(nn.Module):
         if self._example is None and isinstance(x, torch.Tensor):
             self._example = x[:1].detach().clone()
         if self._needs_arming:
-            self._arm()
+            self._arm_or_abort()
+        if t == self.active_task and torch.is_grad_enabled():
+            self._task_trained_on = True
         return self.model(x, **inputs, task_id=t, mask_scale=mask_scale)
 
     def _check_training_forward(self, t: int, mask_scale: Any) -> None:
@@ -104,36 +129,70 @@ class HATNetwork(nn.Module):
             raise TaskError(f"task {t} is already trained; begin_task({t}, retrain=True) trains "
                             "it again and replaces what it learned")
         mode = mask_init or self.config["mask_init"]
-        if mode not in MASK_INITS:
-            raise ValueError(f"unknown mask_init {mode!r}; choose one of {', '.join(MASK_INITS)}")
-        if adjustment not in ADJUSTMENTS:
-            raise ValueError(f"unknown adjustment {adjustment!r}; choose one of "
-                             f"{', '.join(ADJUSTMENTS)}")
-        if adjustment == "hat_const_alpha" and not (isinstance(alpha, (int, float))
-                                                     and 0 <= alpha <= 1):
-            raise ValueError(f"adjustment 'hat_const_alpha' needs alpha in [0, 1], got {alpha!r}")
-        if not (isinstance(s_max, (int, float)) and math.isfinite(s_max) and s_max > 0):
-            raise ValueError(f"s_max must be a positive number, got {s_max!r}")
-        for gate in self.gates().values():
-            previous = gate.embedding[t - 1].detach() if t > 0 else None
-            init_embedding_(gate.embedding[t], mode, previous)
-        self.active_task = t
-        self._options = dict(adjustment=adjustment, alpha=alpha, s_max=float(s_max))
-        self._needs_arming = True
-        if self._example is not None:
+        check_begin_options(mode, adjustment, alpha, s_max)
+        gates = self.gates()
+        self._task_start = {path: gate.embedding[t].detach().clone()
+                            for path, gate in gates.items()}
+        self._task_trained_on = False
+        try:
+            for gate in gates.values():
+                previous = gate.embedding[t - 1].detach() if t > 0 else None
+                init_embedding_(gate.embedding[t], mode, previous)
+            self.active_task = t
+            self._options = dict(adjustment=adjustment, alpha=alpha, s_max=float(s_max))
+            self._needs_arming = True
+            if self._example is not None:
+                self._arm_or_abort()
+        except BaseException:
+            self.abort_task()
+            raise
+
+    def abort_task(self) -> None:
+        """Abandon the active task: its embeddings go back to what they were before
+        ``begin_task`` and it is not marked trained. Trained tasks are untouched (the free
+        weights the task changed belong to no trained task)."""
+        self._disarm()
+        t, start = self.active_task, self._task_start
+        if t is not None and start is not None:
+            with torch.no_grad():
+                for path, gate in self.gates().items():
+                    gate.embedding[t].copy_(start[path])
+        self.active_task = None
+        self._options = {}
+        self._needs_arming = False
+        self._task_start = None
+
+    def _arm_or_abort(self) -> None:
+        """Arm protection for the active task; if that fails, the task is not begun."""
+        t = self.active_task
+        try:
             self._arm()
+        except Exception as exc:
+            self.abort_task()
+            raise TaskError(f"could not protect the trained tasks {self.trained_tasks()} for "
+                            f"task {t}, so task {t} was not begun (the network is as before "
+                            f"begin_task({t})): {exc}") from exc
+
+    def before_step(self, optimizer: torch.optim.Optimizer, owns: bool) -> None:
+        """Called before every optimizer step (see ``steps.py``)."""
+        check_step(self, optimizer, owns)
 
     def end_task(self) -> None:
         """Store the active task's binary masks, mark it trained and lift its protection."""
         if self.active_task is None:
             raise TaskError("end_task() without begin_task(): no task is being trained")
         t = self.active_task
+        if not self._task_trained_on:
+            warnings.warn(f"task {t} ran no training forward since begin_task({t}): its stored "
+                          "masks are its initial embeddings' signs (call abort_task() instead "
+                          "of end_task() to abandon a task)", RuntimeWarning, stacklevel=2)
         with torch.no_grad():
             for gate in self.gates().values():
                 gate.task_masks[t] = (gate.embedding[t] > 0).to(gate.task_masks.dtype)
             self.trained[t] = True
         self._disarm()
         self.active_task = None
+        self._task_start = None
         self.train(self.training)  # frozen leaves go to eval mode once a task is trained
 
     def trained_tasks(self, excluding: int | None = None) -> list[int]:
@@ -166,6 +225,15 @@ class HATNetwork(nn.Module):
             return None
         return tuple(self._example.shape), self._example.dtype
 
+    def example_input(self) -> torch.Tensor | None:
+        """The example input on the network's device, in its float dtype (after ``.half()``)."""
+        example = self._example
+        param = next(self.parameters(), None)
+        if example is not None and param is not None and example.is_floating_point() \
+                and param.is_floating_point():
+            example = example.to(device=param.device, dtype=param.dtype)
+        return example
+
     def set_example(self, shape: tuple[int, ...] | list[int],
                     dtype: torch.dtype = torch.float32) -> None:
         """Use zeros of ``shape`` as the example input (a reloaded network has seen no input).
@@ -180,92 +248,21 @@ class HATNetwork(nn.Module):
     def _arm(self) -> None:
         """Install gradient hooks and the step guard for the active task."""
         self._disarm()
+        self._guard = arm_task(self)
         self._needs_arming = False
-        t, opts = self.active_task, self._options
-        others = self.trained_tasks(excluding=t)
-        guard = Guard(self.parameters(), after_step=self._clamp_active_embeddings)
-        gates = self.gates()
-        if others and opts["adjustment"] != "hat_const_1":
-            out = {path: gate.cumulative(others) for path, gate in gates.items()}
-            inputs = self._input_masks(out, t)
-            for path, info in self.layout.gated.items():
-                layer = self.model.get_submodule(path)
-                protect_w, protect_b = weight_protection(layer, out[path], inputs[path])
-                for param, protect in ((layer.weight, protect_w), (layer.bias, protect_b)):
-                    if param is None or not bool(protect.any()):
-                        continue
-                    guard.handles.append(param.register_hook(
-                        self._rate_hook(protect, opts["adjustment"], opts["alpha"])))
-                    if opts["adjustment"] == "hat":
-                        guard.held.append(hold(param, protect.bool()))
-        rows = torch.zeros(self.num_tasks, dtype=torch.bool)
-        rows[others] = True
-        for gate in gates.values():
-            guard.held.append(hold(gate.embedding, rows.to(gate.embedding.device)[:, None]
-                                   .expand_as(gate.embedding)))
-            guard.handles.append(gate.embedding.register_hook(self._compensation_hook(gate)))
-        for tensor in self._held_whole(others):
-            guard.held.append(hold(tensor))
-        guard.held = [h for h in guard.held if h is not None]
-        guard.arm()
-        self._guard = guard
-
-    def _held_whole(self, others: list[int]) -> list[torch.Tensor]:
-        """Tensors other trained tasks own outright: their copies, and frozen tensors."""
-        tensors = []
-        for path in self.layout.norms + self.layout.heads + self.layout.task_leaves:
-            copies = self.model.get_submodule(path).copies
-            for o in others:
-                tensors += list(copies[o].parameters()) + [
-                    b for b in copies[o].buffers() if b.is_floating_point()]
-        for new_path in self.layout.task_params.values():
-            copies = self.model.get_submodule(new_path).copies
-            tensors += [copies[o] for o in others]
-        if others:
-            for path in self.layout.frozen_leaves:
-                module = self.model.get_submodule(path)
-                tensors += list(module.parameters()) + [
-                    b for b in module.buffers() if b.is_floating_point()]
-            for name in self.layout.frozen_params + self.layout.frozen_in_gated:
-                tensors.append(self.model.get_parameter(name))
-            for name in self.layout.frozen_tensors:  # inside converted leaves, written buffers
-                owner, _, attr = name.rpartition(".")
-                tensor = getattr(self.model.get_submodule(owner), attr)
-                if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
-                    tensors.append(tensor)
-        return tensors
 
     def _disarm(self) -> None:
         if self._guard is not None:
             self._guard.disarm()
             self._guard = None
 
-    def _rate_hook(self, protect: torch.Tensor, mode: str, alpha: float | None):
-        fixed = None if mode == "hat_random" else adjustment_rate(protect, mode, alpha)
-
-        def hook(grad: torch.Tensor) -> torch.Tensor:
-            rate = fixed if fixed is not None else adjustment_rate(protect, mode, alpha)
-            return grad * rate.to(grad.dtype)
-        return hook
-
-    def _compensation_hook(self, gate: HATGate):
-        def hook(grad: torch.Tensor) -> torch.Tensor:
-            if self._last_scale is None:
-                return grad
-            return compensate(grad, gate.embedding, self._last_scale, self._options["s_max"])
-        return hook
-
-    def _clamp_active_embeddings(self) -> None:
-        t = self.active_task
-        for gate in self.gates().values():
-            gate.embedding.data[t].clamp_(-EMBEDDING_CLAMP, EMBEDDING_CLAMP)
-
-    def _input_masks(self, out_masks: dict[str, torch.Tensor], task_id: int
-                     ) -> dict[str, torch.Tensor]:
+    def input_masks(self, out_masks: dict[str, torch.Tensor], task_id: int
+                    ) -> dict[str, torch.Tensor]:
+        """Per gated layer, which input features use units in ``out_masks`` (propagation)."""
         if self._example is None:
             raise HATError("the network has not seen an input yet: run one forward pass so "
                            "that masks can be propagated through the graph")
-        masks = input_masks(self.model, self.layout, out_masks, self._example, task_id)
+        masks = input_masks(self.model, self.layout, out_masks, self.example_input(), task_id)
         for path in self.layout.gated:  # a layer the propagation never reached: fully used
             if path not in masks:
                 layer = self.model.get_submodule(path)
@@ -282,6 +279,10 @@ class HATNetwork(nn.Module):
         """
         t = self.check_task_id(task_id)
         check_mask_scale(mask_scale)
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) \
+                or c < 0:
+            raise ValueError(f"the regularization strength c must be a finite number >= 0, "
+                             f"got {c!r}")
         if mode not in ("original", "cross"):
             raise ValueError(f"unknown regularization mode {mode!r}; choose original or cross")
         others = self.trained_tasks(excluding=t)
@@ -304,12 +305,12 @@ class HATNetwork(nn.Module):
         Free means the adjustment rate ``1 - min(M_out, M_in)`` of ``tasks`` (default: all
         trained tasks) is 1.
         """
-        tasks = self.trained_tasks() if tasks is None else tasks
+        tasks = self.trained_tasks() if tasks is None else self._check_tasks(tasks)
         sizes = self._gated_sizes()
         if not tasks:
             return {path: 1.0 for path in sizes}
         out = {path: gate.cumulative(tasks) for path, gate in self.gates().items()}
-        inputs = self._input_masks(out, tasks[-1])
+        inputs = self.input_masks(out, tasks[-1])
         result = {}
         for path in self.layout.gated:
             layer = self.model.get_submodule(path)
@@ -317,6 +318,11 @@ class HATNetwork(nn.Module):
             used = protect_w.sum() + (protect_b.sum() if layer.bias is not None else 0)
             result[path] = 1.0 - float(used) / sizes[path]
         return result
+
+    def _check_tasks(self, tasks: Any) -> list[int]:
+        if isinstance(tasks, (str, bytes)) or not hasattr(tasks, "__iter__"):
+            raise TaskError(f"tasks must be a list of task ids, got {tasks!r}")
+        return [self.check_task_id(t) for t in tasks]
 
     def capacity(self, tasks: list[int] | None = None) -> float:
         """Fraction of all gated weights and biases still free: 1.0 before task 0."""
@@ -370,3 +376,18 @@ def check_mask_scale(mask_scale: Any) -> None:
             or value <= 0:
         raise ValueError(f"mask_scale must be a positive finite number or None (hard gates), "
                          f"got {mask_scale!r}")
+
+
+def check_begin_options(mode: str, adjustment: str, alpha: Any, s_max: Any) -> None:
+    """``begin_task``'s options, checked before anything changes."""
+    if mode not in MASK_INITS:
+        raise ValueError(f"unknown mask_init {mode!r}; choose one of {', '.join(MASK_INITS)}")
+    if adjustment not in ADJUSTMENTS:
+        raise ValueError(f"unknown adjustment {adjustment!r}; choose one of "
+                         f"{', '.join(ADJUSTMENTS)}")
+    if adjustment == "hat_const_alpha" and not (isinstance(alpha, (int, float))
+                                                 and 0 <= alpha <= 1):
+        raise ValueError(f"adjustment 'hat_const_alpha' needs alpha in [0, 1], got {alpha!r}")
+    if isinstance(s_max, bool) or not (isinstance(s_max, (int, float)) and math.isfinite(s_max)
+                                       and s_max > 0):
+        raise ValueError(f"s_max must be a positive number, got {s_max!r}")

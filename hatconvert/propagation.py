@@ -1,18 +1,18 @@
 """Which input features of each gated layer earlier tasks use: cumulative masks through the graph.
 
-The graph runs once on a one-sample example while, beside every real value, a 0/1 tensor of the
-same shape says which entries may be non-zero for some earlier task. Gated layers emit their
-cumulative mask; ops that map zero to zero pass masks on (activations, dropout, pooling, shape
-ops, products); residual adds take the maximum, concatenation concatenates, and a flatten repeats
-each channel over the spatial positions by itself, because it is the same flatten run on the mask.
-Everything else (sigmoid, adding a constant or a loose parameter, a norm whose output is not
-gated, an op not listed, the model's input) counts as fully used: over-protecting costs capacity,
-under-protecting would break earlier tasks.
+The graph runs once (in eval mode: what earlier tasks compute) on a one-sample example while,
+beside every real value, a 0/1 tensor of the same shape says which entries may be non-zero for
+some earlier task. Gated layers emit their cumulative mask, a norm with a gate behind it too; how
+every other op carries masks is the table in ``op_rules`` (element-wise ops by the value they
+give a zero with these very arguments, structural ops by running them on the mask). A flatten
+repeats each channel over the spatial positions by itself, because it is the same flatten run on
+the mask. Anything the table does not cover (a norm whose output is not gated, an unknown op,
+the model's input) counts as fully used: over-protecting costs capacity, under-protecting would
+break earlier tasks.
 """
 
 from __future__ import annotations
 
-import operator
 from typing import Any
 
 import torch
@@ -21,57 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .gates import HATGate, apply_gate, gated_layer
-from .layers import TaskIndexed, maps_zero_to_zero, train_only_types
+from .layers import (TaskIndexed, gate_behind_norm, maps_zero_to_zero, norm_channel_dim,
+                     train_only_types)
+from .op_rules import (ALL_DATA, CAST_METHODS, ELEMENTWISE_MODULES, MASKED_FILL, PRODUCTS,
+                       QUOTIENTS, SHAPE_ONLY_OTHERS, STRUCTURAL_MODULES, SUMS, WHERE,
+                       is_elementwise, is_structural, signed_interpolation, value_at_zero)
 from .rewrite import Layout
-
-# Element-wise functions f with f(0) == 0: a zero entry stays zero.
-ZERO_PRESERVING_FUNCTIONS = {
-    F.relu, F.relu6, F.gelu, F.silu, F.mish, F.hardswish, F.leaky_relu, F.elu, F.selu, F.celu,
-    F.hardtanh, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.softshrink, F.hardshrink,
-    F.tanhshrink, torch.relu, torch.tanh, torch.abs, torch.neg, torch.sin, torch.sinh,
-    torch.asinh, torch.atan, torch.square, torch.sign, torch.nn.functional.relu_, torch.relu_,
-    operator.neg, F.normalize,
-}
-ZERO_PRESERVING_METHODS = {
-    "relu", "relu_", "tanh", "tanh_", "abs", "neg", "square", "sign", "clone", "contiguous",
-    "float", "half", "bfloat16", "double", "to", "type_as", "detach",
-}
-ZERO_PRESERVING_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.SELU,
-    nn.CELU, nn.Hardtanh, nn.Tanh, nn.Softshrink, nn.Hardshrink, nn.Tanhshrink, nn.Identity,
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-)
-# Ops that move, select, pool or reduce entries: running them on the mask gives the answer.
-STRUCTURAL_MODULES = (
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Flatten, nn.Unflatten, nn.Upsample,
-    nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.PixelShuffle, nn.PixelUnshuffle,
-    nn.ChannelShuffle,
-)
-STRUCTURAL_FUNCTIONS = {
-    torch.flatten, torch.cat, torch.concat, torch.stack, torch.reshape, torch.permute,
-    torch.transpose, torch.roll, torch.flip, torch.squeeze, torch.unsqueeze, torch.chunk,
-    torch.split, torch.unbind, torch.narrow, torch.select, torch.movedim, torch.mean, torch.sum,
-    torch.amax, torch.matmul, torch.bmm, torch.einsum, operator.getitem, operator.matmul,
-    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
-    F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.interpolate, F.pixel_shuffle,
-    F.pixel_unshuffle, torch.nn.functional.pad,
-}
-STRUCTURAL_METHODS = {
-    "view", "reshape", "flatten", "unflatten", "permute", "transpose", "unsqueeze", "squeeze",
-    "expand", "expand_as", "repeat", "chunk", "split", "unbind", "mean", "sum", "amax", "roll",
-    "flip", "narrow", "select", "view_as", "reshape_as", "movedim", "t", "__getitem__",
-    "matmul", "bmm", "masked_fill",
-}
-MAXIMUM = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub}
-MAXIMUM_METHODS = {"add", "add_", "sub", "sub_"}
-MINIMUM = {operator.mul, operator.imul, torch.mul}
-MINIMUM_METHODS = {"mul", "mul_"}
-NUMERATOR = {operator.truediv, operator.itruediv, torch.div}
-NUMERATOR_METHODS = {"div", "div_"}
-
 
 def _has_tensor(value: Any) -> bool:
     if isinstance(value, torch.Tensor):
@@ -102,13 +57,18 @@ def _broadcast(vector: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tens
 
 
 class MaskPropagator(fx.Interpreter):
-    """Runs the HAT graph on a real example and, beside it, on masks of earlier tasks' use."""
+    """Runs the HAT graph on a real example and, beside it, on masks of earlier tasks' use.
 
-    def __init__(self, gm: fx.GraphModule, layout: Layout, unit_masks: dict[str, torch.Tensor]):
+    ``placeholder_masks`` gives inputs a mask of their own (default: fully used).
+    """
+
+    def __init__(self, gm: fx.GraphModule, layout: Layout, unit_masks: dict[str, torch.Tensor],
+                 placeholder_masks: dict[str, torch.Tensor] | None = None):
         super().__init__(gm)
         self.layout = layout
         self.gate_to_layer = {g.gate: path for path, g in layout.gated.items()}
         self.unit_masks = unit_masks  # cumulative mask (units,) per gated layer path
+        self.placeholder_masks = placeholder_masks or {}
         self.masks: dict[fx.Node, Any] = {}
         self.input_masks: dict[str, torch.Tensor] = {}  # per gated layer: mask of its input
 
@@ -125,14 +85,23 @@ class MaskPropagator(fx.Interpreter):
             return real
         return arg
 
-    def _mask_args(self, node: fx.Node) -> tuple[tuple, dict]:
-        return (fx.node.map_aggregate(node.args, self._mask_of),
-                fx.node.map_aggregate(node.kwargs, self._mask_of))
-
     def _tensor_mask(self, arg: Any) -> torch.Tensor | float:
+        """The mask of a tensor argument; a constant counts as used where it is non-zero."""
         if isinstance(arg, fx.Node) and isinstance(self.env[arg], torch.Tensor):
             return self._mask_of(arg)
-        return 1.0  # python numbers and constants count as non-zero
+        if isinstance(arg, (int, float, bool)):
+            return float(arg != 0)
+        return 1.0
+
+    def _is_tensor(self, arg: Any) -> bool:
+        """Whether an argument is, or holds, a tensor the graph computed."""
+        found = []
+        fx.node.map_aggregate(arg, lambda a: found.append(
+            isinstance(a, fx.Node) and _has_tensor(self.env[a])))
+        return any(found)
+
+    def _real(self, arg: Any) -> Any:
+        return fx.node.map_aggregate(arg, lambda a: self.env[a] if isinstance(a, fx.Node) else a)
 
     def _record_input(self, path: str, x: Any) -> None:
         mask = self._tensor_mask(x)
@@ -148,6 +117,10 @@ class MaskPropagator(fx.Interpreter):
     # -- the rules -------------------------------------------------------------------------
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
+        if n.op == "placeholder" and isinstance(self.placeholder_masks.get(n.target),
+                                                torch.Tensor):
+            self.masks[n] = self.placeholder_masks[n.target].to(torch.float32)
+            return result
         if n.op in ("placeholder", "get_attr", "output"):
             self.masks[n] = _ones_like(result)
             return result
@@ -160,70 +133,118 @@ class MaskPropagator(fx.Interpreter):
     def _rule(self, n: fx.Node, result: Any) -> Any:
         if not _has_tensor(result):
             return None
-        target = n.target
         if n.op == "call_module":
-            module = self.module.get_submodule(target)
-            if isinstance(module, HATGate):
-                return None
-            if target in self.layout.gated:  # a gated layer whose gate sits further on
-                self._record_input(target, n.args[0])
-                return _ones_like(result)
-            if isinstance(module, TaskIndexed) and "gate" in n.kwargs:
-                gate = n.kwargs["gate"]
-                layer = self.gate_to_layer[gate.target]
-                return _broadcast(self.unit_masks[layer], result, 1)
-            if isinstance(module, TaskIndexed) and maps_zero_to_zero(module.copies[0]):
-                # RMS norms and ``x * gamma`` scales: a zero entry stays zero
-                return self._tensor_mask(n.args[0]) * torch.ones_like(result, dtype=torch.float32)
-            if isinstance(module, ZERO_PRESERVING_MODULES + train_only_types()):
-                return self._tensor_mask(n.args[0]) * torch.ones_like(result, dtype=torch.float32)
-            if isinstance(module, STRUCTURAL_MODULES):
-                args, kwargs = self._mask_args(n)
-                return _binary(module(*args, **kwargs))
-            return _ones_like(result)
+            return self._module_rule(n, self.module.get_submodule(n.target), result)
         if n.op == "call_function":
-            if target is gated_layer:
-                layer = n.args[1].target
-                self._record_input(layer, n.args[0])
-                return _broadcast(self.unit_masks[layer], result, self.layout.gated[layer].unit_dim)
-            if target is apply_gate:
-                layer = self.gate_to_layer[n.args[1].target]
-                return _broadcast(self.unit_masks[layer], result, n.args[2])
-            if target is F.linear:  # F.linear(x, layer.weight, ...): its gate comes next
-                weight = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")
-                layer = getattr(weight, "target", "").rpartition(".")[0]
-                if layer in self.layout.gated:
-                    self._record_input(layer, n.args[0] if n.args else n.kwargs.get("input"))
-                return _ones_like(result)
-            if target is F.scaled_dot_product_attention:
-                value = self._tensor_mask(n.args[2])
-                return value.amax(dim=-2, keepdim=True).expand(result.shape).contiguous()
-            return self._elementwise_or_structural(n, target, result, ZERO_PRESERVING_FUNCTIONS,
-                                                   STRUCTURAL_FUNCTIONS, MAXIMUM, MINIMUM,
-                                                   NUMERATOR, call=target)
+            special = self._hat_function_rule(n, result)
+            if special is not None:
+                return special
+            return self._op_rule(n, n.target, n.target, result)
         if n.op == "call_method":
-            return self._elementwise_or_structural(
-                n, target, result, ZERO_PRESERVING_METHODS, STRUCTURAL_METHODS, MAXIMUM_METHODS,
-                MINIMUM_METHODS, NUMERATOR_METHODS,
-                call=lambda self_, *a, **k: getattr(self_, target)(*a, **k))
+            name = n.target
+            return self._op_rule(n, name, lambda self_, *a, **k: getattr(self_, name)(*a, **k),
+                                 result)
         return _ones_like(result)
 
-    def _elementwise_or_structural(self, n, target, result, zero_preserving, structural, maximum,
-                                   minimum, numerator, call) -> Any:
-        if target in zero_preserving:
+    def _module_rule(self, n: fx.Node, module: nn.Module, result: Any) -> Any:
+        target = n.target
+        if isinstance(module, HATGate):
+            return None
+        if target in self.layout.gated:  # a gated layer whose gate sits further on
+            self._record_input(target, n.args[0])
+            return _ones_like(result)
+        if isinstance(module, TaskIndexed) and "gate" in n.kwargs:
+            layer = self.gate_to_layer[n.kwargs["gate"].target]
+            norm = module.copies[0]
+            x = self.env[n.args[0]]
+            if not gate_behind_norm(norm, x, n.kwargs.get("gate_dim", 1)):
+                return _ones_like(result)  # gated before a norm that mixes its units
+            return _broadcast(self.unit_masks[layer], result, norm_channel_dim(norm, x))
+        if isinstance(module, TaskIndexed) and maps_zero_to_zero(module.copies[0]):
+            # RMS norms and ``x * gamma`` scales: a zero entry stays zero
             return self._tensor_mask(n.args[0]) * torch.ones_like(result, dtype=torch.float32)
-        if target in maximum or target in minimum or target in numerator:
-            a, b = self._tensor_mask(n.args[0]), self._tensor_mask(n.args[1])
-            ones = torch.ones_like(result, dtype=torch.float32)
-            if target in numerator:
-                return a * ones
-            if target in minimum:
-                return torch.minimum(a * ones, b * ones)
-            return torch.maximum(a * ones, b * ones)
-        if target in structural:
-            args, kwargs = self._mask_args(n)
-            return _binary(call(*args, **kwargs))
+        if isinstance(module, ELEMENTWISE_MODULES + train_only_types()) and len(n.args) == 1 \
+                and not n.kwargs:
+            return self._elementwise(n, module, 0, result)
+        if isinstance(module, STRUCTURAL_MODULES) and not signed_interpolation(module) \
+                and len(n.args) == 1 and not n.kwargs:
+            return _binary(module(self._mask_of(n.args[0])))
         return _ones_like(result)
+
+    def _hat_function_rule(self, n: fx.Node, result: Any) -> Any:
+        """Gates, folded layers and attention: None for any other function."""
+        target = n.target
+        if target is gated_layer:
+            layer = n.args[1].target
+            self._record_input(layer, n.args[0])
+            return _broadcast(self.unit_masks[layer], result, self.layout.gated[layer].unit_dim)
+        if target is apply_gate:
+            layer = self.gate_to_layer[n.args[1].target]
+            return _broadcast(self.unit_masks[layer], result, n.args[2])
+        if target is F.linear:  # F.linear(x, layer.weight, ...): its gate comes next
+            weight = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")
+            layer = getattr(weight, "target", "").rpartition(".")[0]
+            if layer in self.layout.gated:
+                self._record_input(layer, n.args[0] if n.args else n.kwargs.get("input"))
+            return _ones_like(result)
+        if target is F.scaled_dot_product_attention:
+            value = self._tensor_mask(n.args[2])
+            return value.amax(dim=-2, keepdim=True).expand(result.shape).contiguous()
+        return None
+
+    def _op_rule(self, n: fx.Node, target: Any, call: Any, result: Any) -> Any:
+        """Element-wise, two-operand, ``where``/``masked_fill`` and structural ops."""
+        tensors = [i for i, a in enumerate(n.args) if self._is_tensor(a)]
+        tensor_kwargs = self._is_tensor(dict(n.kwargs))
+        ones = torch.ones_like(result, dtype=torch.float32) \
+            if isinstance(result, torch.Tensor) else None
+        if target in CAST_METHODS:
+            return self._tensor_mask(n.args[0]) * ones
+        if target in WHERE and len(n.args) == 3:
+            return torch.maximum(self._tensor_mask(n.args[1]) * ones,
+                                 self._tensor_mask(n.args[2]) * ones)
+        if target in MASKED_FILL and len(n.args) == 3:
+            return torch.maximum(self._tensor_mask(n.args[0]) * ones,
+                                 self._tensor_mask(n.args[2]) * ones)
+        if len(tensors) == 2 and not tensor_kwargs and ones is not None:
+            a, b = (self._tensor_mask(n.args[i]) * ones for i in tensors)
+            if target in SUMS:
+                return torch.maximum(a, b)
+            if target in PRODUCTS:
+                return torch.minimum(a, b)
+            if target in QUOTIENTS and tensors[0] == 0:
+                return a
+        if is_elementwise(target) and len(tensors) == 1 and not tensor_kwargs:
+            return self._elementwise(n, call, tensors[0], result)
+        if is_structural(target):
+            return self._structural(n, target, call, tensors, tensor_kwargs, result)
+        return _ones_like(result)
+
+    def _elementwise(self, n: fx.Node, call: Any, position: int, result: Any) -> Any:
+        """``mask | (f(0) != 0)``: a zero entry becomes ``f(0)``, computed with these arguments."""
+        if not isinstance(result, torch.Tensor):
+            return _ones_like(result)
+        args, kwargs = self._real(tuple(n.args)), self._real(dict(n.kwargs))
+        at_zero = value_at_zero(call, args, kwargs, position, self.env[n.args[position]])
+        if at_zero is None:
+            return _ones_like(result)
+        ones = torch.ones_like(result, dtype=torch.float32)
+        made = (at_zero != 0).to(torch.float32).expand_as(ones)
+        return torch.maximum(self._tensor_mask(n.args[position]) * ones, made)
+
+    def _structural(self, n: fx.Node, target: Any, call: Any, tensors: list[int],
+                    tensor_kwargs: bool, result: Any) -> Any:
+        """Run the op on the masks of its data; other tensors (indices) make it fully used."""
+        data = set(tensors) if target in ALL_DATA else {0}
+        if target in SHAPE_ONLY_OTHERS:
+            data = {0}
+        elif any(i not in data for i in tensors) or tensor_kwargs:
+            return _ones_like(result)
+        if target is F.interpolate and signed_interpolation(self._real(dict(n.kwargs))):
+            return _ones_like(result)
+        args = tuple(fx.node.map_aggregate(a, self._mask_of) if i in data else self._real(a)
+                     for i, a in enumerate(n.args))
+        return _binary(call(*args, **self._real(dict(n.kwargs))))
 
 
 def input_masks(gm: fx.GraphModule, layout: Layout, unit_masks: dict[str, torch.Tensor],

@@ -1,6 +1,7 @@
 """Keeping earlier tasks fixed while a later task trains.
 
-Three mechanisms, all armed by ``HATNetwork.begin_task`` and removed by ``end_task``:
+This module answers "what keeps task ``t`` fixed": ``arm_task`` decides what to protect for
+the active task and arms three mechanisms (``begin_task`` arms, ``end_task`` removes them):
 
 * gradient hooks scale the gradient of every gated weight ``w[o, i]`` by the adjustment rate
   ``1 - min(M_out[o], M_in[i])`` (and a bias ``b[o]`` by ``1 - M_out[o]``);
@@ -13,15 +14,19 @@ Three mechanisms, all armed by ``HATNetwork.begin_task`` and removed by ``end_ta
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .layers import is_cond_conv, uses_weight_as_is
+
+if TYPE_CHECKING:
+    from .gates import HATGate
+    from .network import HATNetwork
 
 ADJUSTMENTS = ("hat", "hat_random", "hat_const_alpha", "hat_const_1")
 EMBEDDING_CLAMP = 6.0
@@ -115,12 +120,20 @@ def hold(tensor: torch.Tensor, where: torch.Tensor | None = None) -> Held | None
 
 
 class Guard:
-    """The armed protection of one network during one task."""
+    """The armed protection of one network during one task.
 
-    def __init__(self, params: Iterable[nn.Parameter], after_step: Callable[[], None]):
+    ``shared`` are the gated weights and biases, by name: after each step any non-finite entry
+    in them is set to 0, because an earlier task reads a free entry as ``w * 0`` (its input is
+    zero there) and ``nan * 0`` is NaN.
+    """
+
+    def __init__(self, params: Iterable[nn.Parameter], after_step: Callable[[], None],
+                 shared: dict[str, torch.Tensor] | None = None, task_id: int | None = None):
         self.param_ids = {id(p) for p in params}
         self.held: list[Held] = []
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.shared = shared or {}
+        self.task_id = task_id
         self._after_step = after_step
 
     def owns(self, optimizer: torch.optim.Optimizer) -> bool:
@@ -131,10 +144,28 @@ class Guard:
         with torch.no_grad():
             for item in self.held:
                 item.restore()
+            self._zero_non_finite()
             self._after_step()
 
+    def _zero_non_finite(self) -> None:
+        if not self.shared:
+            return
+        tensors = list(self.shared.values())
+        finite = torch.stack([torch.isfinite(t).all() for t in tensors])
+        if bool(finite.all()):
+            return
+        names = [name for name, ok in zip(self.shared, finite.tolist()) if not ok]
+        for name in names:
+            tensor = self.shared[name]
+            tensor.data.masked_fill_(~torch.isfinite(tensor.data), 0.0)
+        warnings.warn(f"training task {self.task_id} diverged: the optimizer step left NaN or "
+                      f"inf in {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}; those "
+                      "entries were set to 0 so that trained tasks stay exact (lower the "
+                      "learning rate, or clip gradients)", RuntimeWarning, stacklevel=3)
+
     def arm(self) -> None:
-        _ensure_step_hook()
+        from .steps import ensure_step_hooks
+        ensure_step_hooks()
         _armed.add(self)
 
     def disarm(self) -> None:
@@ -145,17 +176,123 @@ class Guard:
         self.held.clear()
 
 
-_armed: "weakref.WeakSet[Guard]" = weakref.WeakSet()
-_step_hook = None
+_armed: "weakref.WeakSet[Guard]" = weakref.WeakSet()  # the step hooks restore these
+
+
+# -- what keeps the trained tasks fixed while task t trains ----------------------------------
+def arm_task(net: "HATNetwork") -> Guard:
+    """Build and arm the guard of ``net``'s active task: gradient hooks and held entries of the
+    gated weights other tasks use, their embeddings, copies and frozen tensors, the embedding
+    compensation, and the check of shared weights for NaN. Nothing stays armed if it fails."""
+    t, opts = net.active_task, net._options
+    others = net.trained_tasks(excluding=t)
+    gates = net.gates()
+    guard = Guard(net.parameters(), after_step=lambda: clamp_embeddings(gates, t),
+                  shared=shared_weights(net) if others else {}, task_id=t)
+    try:
+        if others and opts["adjustment"] != "hat_const_1":
+            protect_gated(net, guard, gates, others, t, opts)
+        rows = torch.zeros(net.num_tasks, dtype=torch.bool)
+        rows[others] = True
+        for gate in gates.values():
+            guard.held.append(hold(gate.embedding, rows.to(gate.embedding.device)[:, None]
+                                   .expand_as(gate.embedding)))
+            if gate.embedding.requires_grad:
+                guard.handles.append(gate.embedding.register_hook(
+                    compensation_hook(net, gate.embedding)))
+        for tensor in held_whole(net, others):
+            guard.held.append(hold(tensor))
+    except BaseException:
+        guard.disarm()
+        raise
+    guard.held = [h for h in guard.held if h is not None]
+    guard.arm()
+    return guard
+
+
+def shared_weights(net: "HATNetwork") -> dict[str, torch.Tensor]:
+    """The gated weights and biases by name: the only tensors every task reads."""
+    out = {}
+    for path in net.layout.gated:
+        layer = net.model.get_submodule(path)
+        for name in ("weight", "bias"):
+            if isinstance(getattr(layer, name, None), torch.Tensor):
+                out[f"{path}.{name}"] = getattr(layer, name)
+    return out
+
+
+def protect_gated(net: "HATNetwork", guard: Guard, gates: dict[str, "HATGate"],
+                  others: list[int], t: int, opts: dict) -> None:
+    """Gradient hooks and held entries for the gated weights the other tasks use."""
+    out = {path: gate.cumulative(others) for path, gate in gates.items()}
+    inputs = net.input_masks(out, t)
+    for path in net.layout.gated:
+        layer = net.model.get_submodule(path)
+        protect_w, protect_b = weight_protection(layer, out[path], inputs[path])
+        for param, protect in ((layer.weight, protect_w), (layer.bias, protect_b)):
+            if param is None or not bool(protect.any()):
+                continue
+            if param.requires_grad:  # a frozen parameter gets no gradient to scale
+                guard.handles.append(param.register_hook(
+                    rate_hook(protect, opts["adjustment"], opts["alpha"])))
+            if opts["adjustment"] == "hat" or not param.requires_grad:
+                guard.held.append(hold(param, protect.bool()))
+
+
+def held_whole(net: "HATNetwork", others: list[int]) -> list[torch.Tensor]:
+    """Tensors other trained tasks own outright: their copies, and frozen tensors."""
+    layout, model = net.layout, net.model
+    tensors = []
+    for path in layout.norms + layout.heads + layout.task_leaves:
+        copies = model.get_submodule(path).copies
+        for o in others:
+            tensors += list(copies[o].parameters()) + [
+                b for b in copies[o].buffers() if b.is_floating_point()]
+    for new_path in layout.task_params.values():
+        copies = model.get_submodule(new_path).copies
+        tensors += [copies[o] for o in others]
+    if others:
+        for path in layout.frozen_leaves:
+            module = model.get_submodule(path)
+            tensors += list(module.parameters()) + [
+                b for b in module.buffers() if b.is_floating_point()]
+        for name in layout.frozen_params + layout.frozen_in_gated:
+            tensors.append(model.get_parameter(name))
+        for name in layout.frozen_tensors:  # inside converted leaves, written buffers
+            owner, _, attr = name.rpartition(".")
+            tensor = getattr(model.get_submodule(owner), attr)
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+                tensors.append(tensor)
+    return tensors
+
+
+def rate_hook(protect: torch.Tensor, mode: str, alpha: float | None
+              ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A gradient hook that scales by the adjustment rate (drawn anew each step for random)."""
+    fixed = None if mode == "hat_random" else adjustment_rate(protect, mode, alpha)
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        rate = fixed if fixed is not None else adjustment_rate(protect, mode, alpha)
+        return grad * rate.to(grad.dtype)
+    return hook
+
+
+def compensation_hook(net: "HATNetwork", embedding: torch.Tensor
+                      ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """HAT's compensation for the mask scale of ``net``'s last training forward."""
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        if net._last_scale is None:
+            return grad
+        return compensate(grad, embedding, net._last_scale, net._options["s_max"])
+    return hook
+
+
+def clamp_embeddings(gates: dict[str, "HATGate"], t: int) -> None:
+    for gate in gates.values():
+        gate.embedding.data[t].clamp_(-EMBEDDING_CLAMP, EMBEDDING_CLAMP)
 
 
 def _after_any_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     for guard in list(_armed):
         if guard.owns(optimizer):
             guard.after_step()
-
-
-def _ensure_step_hook() -> None:
-    global _step_hook
-    if _step_hook is None:
-        _step_hook = register_optimizer_step_post_hook(_after_any_step)

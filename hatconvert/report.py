@@ -33,9 +33,12 @@ class ConversionReport:
         lines = [f"HAT conversion: {self.num_tasks} tasks",
                  f"  gated layers ({len(lay.gated)}):"]
         for g in lay.gated.values():
-            where = {"norm": f"folded into the affine of norm {g.norm}",
+            behind = "" if g.unit_dim == 1 else (" (before the norm instead when its channel "
+                                                  "dim is not the layer's last dim)")
+            where = {"norm": f"folded into the affine of norm {g.norm}{behind}",
                      "weight": "folded into its weight rows",
-                     "output": f"on the output of norm {g.norm}" if g.norm else "on its output",
+                     "output": f"on the output of norm {g.norm}{behind}" if g.norm
+                     else "on its output",
                      "function": "on the output of each F.linear that reads its weight",
                      "leaf": f"on its output, inside converted leaf {g.leaf}",
                      "rows": "folded into its weight rows wherever the graph reads them"}

@@ -21,7 +21,7 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from .errors import ConversionError
 from .gates import (GATE_IN_NORM, GATE_IN_WEIGHT, GATE_ON_OUTPUT, HATGate, apply_gate,
                     can_fold_into_norm, can_fold_into_weight, gated_layer, scale_rows)
-from .layers import (TaskIndexed, TaskParameter, is_cond_conv, is_gatable, is_norm,
+from .layers import (TaskIndexed, TaskParameter, has_hooks, is_cond_conv, is_gatable, is_norm,
                      normalizes_each_unit, output_units, unit_dim)
 from .leaves import apply_plan, plan_leaf, route_calls
 
@@ -289,13 +289,13 @@ def gate_call(gm: fx.GraphModule, node: fx.Node, gate_path: str, dim: int, norms
     with graph.inserting_before(node):
         gate = graph.call_module(gate_path, (task, scale))
     norm = following_norm(node, norms, calls)
-    if norm is not None:
-        if can_fold_into_norm(gm.get_submodule(norm.target)):
-            norm.kwargs = {**norm.kwargs, "gate": gate}
-            return GATE_IN_NORM, norm.target
-        gate_output(graph, norm, gate, dim)
-        return GATE_ON_OUTPUT, norm.target
-    if can_fold_into_weight(gm.get_submodule(node.target)) and len(node.args) == 1 \
+    if norm is not None:  # the task-indexed norm applies the gate (layers.TaskIndexed)
+        norm.kwargs = {**norm.kwargs, "gate": gate, "gate_dim": dim}
+        module = gm.get_submodule(norm.target)
+        foldable = can_fold_into_norm(module) and not has_hooks(module)
+        return (GATE_IN_NORM if foldable else GATE_ON_OUTPUT), norm.target
+    layer = gm.get_submodule(node.target)
+    if can_fold_into_weight(layer) and not has_hooks(layer) and len(node.args) == 1 \
             and not node.kwargs:
         with graph.inserting_before(node):
             layer = graph.get_attr(node.target)

@@ -24,7 +24,8 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import ConversionError
-from .layers import is_gatable, is_norm, train_only_types
+from .gates import apply_gate, gated_layer, scale_rows
+from .layers import has_hooks, is_gatable, is_norm, train_only_types
 
 _user_leaf_modules: set[type] = set()
 _user_leaf_functions: set[Callable] = set()
@@ -65,11 +66,15 @@ class HATTracer(fx.Tracer):
 
     def __init__(self, leaf_paths: set[str] | None = None) -> None:
         timm_modules, timm_functions = _timm_leaves()
-        super().__init__(autowrap_functions=timm_functions + tuple(_user_leaf_functions))
+        # hatconvert's own graph functions too: unpickling a converted graph traces its code
+        # again with this tracer (torch.fx keeps the tracer class), and must not enter them
+        super().__init__(autowrap_functions=timm_functions + tuple(_user_leaf_functions)
+                         + (apply_gate, gated_layer, scale_rows))
         self._leaf_classes = timm_modules + tuple(_user_leaf_modules) + train_only_types()
         self._leaf_paths = leaf_paths or set()  # submodules made leaves after tracing failed
         self.module_stack_paths: list[str] = []
         self.failed_in: str | None = None  # innermost module path when tracing raised
+        self.traced_through: set[str] = set()  # modules whose forward became graph nodes
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if is_gatable(m) or is_norm(m) or isinstance(m, self._leaf_classes) \
@@ -79,7 +84,10 @@ class HATTracer(fx.Tracer):
 
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
         # Remember where we are, so that a failure can name the module it happened in.
-        self.module_stack_paths.append(self.path_of_module(m))
+        path = self.path_of_module(m)
+        self.module_stack_paths.append(path)
+        if not self.is_leaf_module(m, path):
+            self.traced_through.add(path)
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:
@@ -141,9 +149,45 @@ def trace_model(model: nn.Module, model_name: str = "model", auto_leaves: bool =
     finally:
         for module, mode in modes.items():
             module.training = mode
+    check_hooks_kept(root, tracer.traced_through, model_name)
     gm = fx.GraphModule(root, graph, class_name=type(root).__name__)
+    move_root_hooks(root, gm)
     keep_layers_read_directly(gm, root)
     return Traced(gm, mode_dependent, leaves)
+
+
+HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+              "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_hooks",
+              "_backward_pre_hooks")
+
+
+def check_hooks_kept(root: nn.Module, traced_through: set[str], model_name: str) -> None:
+    """Refuse hooks on a submodule that tracing dissolves into graph nodes: it is never called
+    again, so its hooks would silently stop running. Hooks on leaves (gated layers, norms,
+    heads) keep running, and the root's move to the converted graph."""
+    for path, module in root.named_modules():
+        if path and path in traced_through and has_hooks(module):
+            raise ConversionError(
+                f"module '{path}' ({type(module).__name__}) of {model_name} has forward or "
+                "backward hooks, but tracing turns its forward into graph nodes, so they would "
+                f"never run again: remove them before converting{_leaf_hint(module)}")
+
+
+def _leaf_hint(module: nn.Module) -> str:
+    if isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+        return ""
+    return (f", or keep every {type(module).__name__} whole with "
+            f"hatconvert.register_leaf_module({type(module).__name__})")
+
+
+def move_root_hooks(root: nn.Module, gm: fx.GraphModule) -> None:
+    """The graph module replaces the root: it runs the root's hooks (on the same inputs)."""
+    for name in HOOK_DICTS:
+        hooks = getattr(root, name, None)
+        if hooks:
+            getattr(gm, name).update(hooks)
+    if getattr(root, "_is_full_backward_hook", None) is not None:
+        gm._is_full_backward_hook = root._is_full_backward_hook
 
 
 def keep_layers_read_directly(gm: fx.GraphModule, root: nn.Module) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Iterable
 
 import torch
@@ -21,15 +22,36 @@ def train_task(net: HATNetwork, task_id: int, loader: Iterable, optimizer: torch
 
     Runs ``begin_task``, ``epochs`` passes with the mask-scale ``schedule`` restarted every
     epoch, the loss plus ``c`` times the sparsity regularization, and ``end_task``. The
-    optimizer may be kept across tasks. Returns the mean loss of each epoch.
+    optimizer may be kept across tasks. Returns the mean loss of each epoch. Arguments are
+    checked before the task begins; if training raises, the task is aborted (``abort_task``).
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
     num_batches = len(loader)  # type: ignore[arg-type]
     if num_batches == 0:
         raise ValueError(f"the loader for task {task_id} is empty")
+    mask_scale(num_batches - 1, num_batches, s_max=s_max, schedule=schedule)  # checks both
+    if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c < 0:
+        raise ValueError(f"the regularization strength c must be a finite number >= 0, got {c!r}")
+    if reg_mode not in ("original", "cross"):
+        raise ValueError(f"unknown reg_mode {reg_mode!r}; choose original or cross")
     net.train()
     net.begin_task(task_id, s_max=s_max, **begin_options)
+    try:
+        losses = _epochs(net, task_id, loader, optimizer, epochs, loss_fn, schedule, s_max, c,
+                         reg_mode, clip_grad_norm, device, progress)
+    except BaseException:
+        net.abort_task()  # trained tasks are untouched; this one is not marked trained
+        raise
+    net.end_task()
+    return losses
+
+
+def _epochs(net: HATNetwork, task_id: int, loader: Iterable, optimizer: torch.optim.Optimizer,
+            epochs: int, loss_fn: Callable[..., torch.Tensor], schedule: str, s_max: float,
+            c: float, reg_mode: str, clip_grad_norm: float | None,
+            device: torch.device | str | None, progress: bool) -> list[float]:
+    num_batches = len(loader)  # type: ignore[arg-type]
     bar = _progress(epochs * num_batches, f"task {task_id}", progress)
     losses = []
     for _ in range(epochs):
@@ -52,7 +74,6 @@ def train_task(net: HATNetwork, task_id: int, loader: Iterable, optimizer: torch
         losses.append(total / num_batches)
     if bar is not None:
         bar.close()
-    net.end_task()
     return losses
 
 

@@ -390,3 +390,79 @@ def test_forget_frees_capacity_and_keeps_other_tasks_bit_identical():
     # the freed units can be trained again without touching tasks 0 and 2
     train(net, torch.optim.Adam(net.parameters(), lr=0.05), 1, x, torch.randint(0, 3, (4,)))
     assert all(torch.equal(a, e) for a, e in zip(outputs(net, x, (0, 2)), expected))
+
+
+# -- file permissions, weights never read again, other dtypes --------------------------------
+@pytest.fixture
+def umask():
+    """Set the process umask for one test and put the old one back."""
+    old = os.umask(0o022)
+    yield os.umask
+    os.umask(old)
+
+
+def mode(path) -> int:
+    return os.stat(path).st_mode & 0o777
+
+
+def test_written_files_follow_the_umask_or_keep_the_replaced_files_mode(saved, tmp_path, umask):
+    net, _ = saved
+    umask(0o022)
+    hatconvert.save(net, tmp_path / "new.safetensors")
+    assert mode(tmp_path / "new.safetensors") == 0o644
+    umask(0o002)
+    hatconvert.export(net, 0, tmp_path / "task0.safetensors", allow_untrained=True)
+    assert mode(tmp_path / "task0.safetensors") == 0o664
+    os.chmod(tmp_path / "new.safetensors", 0o640)
+    hatconvert.save(net, tmp_path / "new.safetensors")
+    assert mode(tmp_path / "new.safetensors") == 0o640
+    os.chmod(tmp_path / "task0.safetensors", 0o604)
+    hatconvert.export(net, 0, tmp_path / "task0.safetensors", allow_untrained=True)
+    assert mode(tmp_path / "task0.safetensors") == 0o604
+
+
+def test_a_read_only_file_is_never_replaced(saved, tmp_path):
+    net, path = saved
+    before = path.read_bytes()
+    os.chmod(path, 0o444)
+    with pytest.raises(CheckpointError, match="cannot write '.*good.safetensors': the file is "
+                                              "read-only"):
+        hatconvert.save(net, path)
+    with pytest.raises(CheckpointError, match="good.safetensors': the file is read-only"):
+        hatconvert.export(net, 0, path, allow_untrained=True)
+    assert path.read_bytes() == before and mode(path) == 0o444
+    assert sorted(os.listdir(tmp_path)) == ["good.safetensors"]
+
+
+def test_loading_never_reads_the_pretrained_weights_again(tmp_path):
+    source = timm.create_model("resnet18", num_classes=4)
+    with torch.no_grad():
+        source.conv1.weight.mul_(2.0)
+    weights = tmp_path / "pretrained.safetensors"
+    save_file(source.state_dict(), str(weights))
+    net = hatconvert.convert("resnet18", num_tasks=2, num_classes=4, pretrained=True,
+                             pretrained_cfg_overlay=dict(file=str(weights)))
+    assert torch.equal(net.model.conv1.weight, source.conv1.weight)
+    hatconvert.save(net, tmp_path / "hat.safetensors")
+    with safe_open(str(tmp_path / "hat.safetensors"), "pt") as f:
+        stored = json.loads(f.metadata()["source"])["kwargs"]
+    assert "pretrained" not in stored
+    weights.unlink()  # loading must not need the file, nor a download
+    loaded = hatconvert.load(tmp_path / "hat.safetensors")
+    assert torch.equal(loaded.model.conv1.weight, source.conv1.weight)
+    older = tmp_path / "older.safetensors"  # written before weight kwargs were left out
+    rewrite_metadata(tmp_path / "hat.safetensors", older, source=json.dumps(
+        {"kind": "timm", "name": "resnet18", "kwargs": {"pretrained": True, "num_classes": 4,
+                                                        "checkpoint_path": str(weights)}}))
+    assert torch.equal(hatconvert.load(older).model.conv1.weight, source.conv1.weight)
+
+
+def test_a_half_precision_network_propagates_masks_after_loading(tmp_path):
+    net, x = trained_net(ResidualConcatNet(), [3, 3, 3], (2, 3, 16, 16), tasks=1)
+    capacity = net.capacity()
+    net.half()  # after the float32 forward that recorded the example input
+    hatconvert.save(net, tmp_path / "half.safetensors")
+    loaded = hatconvert.load(tmp_path / "half.safetensors", model=ResidualConcatNet())
+    assert loaded.example_spec() == ((1, 3, 16, 16), torch.float16)
+    assert loaded.capacity() == pytest.approx(capacity)
+    assert loaded.forget(0) > 0

@@ -138,13 +138,13 @@ def test_user_errors_are_one_line_without_a_traceback(trained, tmp_path, capsys)
     in_subprocesses = {  # one failure of each command as a user meets it
         ("inspect", text): "notes.txt' is not a safetensors file",
         ("export", path, "--task", 2, "-o", tmp_path / "t2.safetensors"): "task 2 is not trained",
-        ("forget", path, "--task", 2, "-o", existing): "task 2 is not trained",
+        ("forget", path, "--task", 2, "-o", existing, "--force"): "task 2 is not trained",
         ("convert", "resnet19", "--num-tasks", 2): "timm has no model named 'resnet19'",
     }
     in_process = {
         ("inspect", tmp_path / "missing.safetensors"): "missing.safetensors' does not exist",
-        ("export", path, "--task", 7, "-o", existing): "task_id 7 is out of range",
-        ("export", custom, "--task", 0, "-o", existing): "holds a custom model",
+        ("export", path, "--task", 7, "-o", existing, "--force"): "task_id 7 is out of range",
+        ("export", custom, "--task", 0, "-o", existing, "--force"): "holds a custom model",
         ("convert", "resnet18", "--num-tasks", 2, "--weights", tmp_path / "none.safetensors"):
             "none.safetensors' does not exist",
         ("convert", "resnet18", "--num-tasks", 0): "num_tasks must be an int >= 1",
@@ -161,3 +161,60 @@ def test_user_errors_are_one_line_without_a_traceback(trained, tmp_path, capsys)
     assert not (tmp_path / "t2.safetensors").exists()
     assert sorted(os.listdir(tmp_path)) == ["custom.safetensors", "existing.safetensors",
                                             "notes.txt"]  # no temporary files left behind
+
+
+def run_in_process(capsys, *args) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_no_command_writes_over_an_existing_file_or_its_own_input(trained, tmp_path, capsys):
+    _, _, path = trained
+    before = path.read_bytes()
+    existing = tmp_path / "existing.safetensors"
+    existing.write_bytes(b"keep me")
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(path)
+    refused = {
+        ("convert", "resnet18", "--num-tasks", 2, "-o", existing):
+            "-o '{existing}' already exists: pass --force to replace it",
+        ("export", path, "--task", 0, "-o", existing): "already exists: pass --force",
+        ("forget", path, "--task", 0, "-o", existing): "already exists: pass --force",
+        ("inspect", path, "--plot", existing): "--plot '{existing}' already exists",
+        ("export", path, "--task", 0, "-o", path): "-o '{path}' is the input file",
+        ("export", path, "--task", 0, "-o", path, "--force"): "is the input file",
+        ("forget", path, "--task", 0, "-o", link, "--force"): "-o '{link}' is the input file",
+        ("inspect", path, "--plot", path, "--force"): "--plot '{path}' is the input file",
+        ("convert", "resnet18", "--num-tasks", 2, "--weights", existing, "-o", existing,
+         "--force"): "is the input file '{existing}'",
+        ("convert", "resnet18", "--num-tasks", 2, "-o", ""): "-o is empty: name the file",
+        ("forget", path, "--task", 0, "-o", ""): "-o is empty",
+        ("inspect", path, "--plot", ""): "--plot is empty",
+    }
+    for args, expected in refused.items():
+        code, out, err = run_in_process(capsys, *args)
+        check_error(args, code, out, err, expected.format(existing=existing, path=path,
+                                                          link=link))
+    assert path.read_bytes() == before and existing.read_bytes() == b"keep me"
+    code, out, err = run_in_process(capsys, "export", path, "--task", 0, "-o", existing,
+                                    "--force")
+    assert code == 0 and err == "" and "task 0 exported" in out
+    assert len(load_file(str(existing))) > 0
+    assert sorted(os.listdir(tmp_path)) == ["existing.safetensors", "link.safetensors"]
+
+
+def test_inspect_and_forget_a_half_precision_checkpoint(trained, tmp_path, capsys):
+    net, x, path = trained
+    half = hatconvert.load(path).half()  # its example input was recorded in float32
+    hatconvert.save(half, tmp_path / "half.safetensors")
+    code, out, err = run_in_process(capsys, "inspect", tmp_path / "half.safetensors")
+    assert code == 0 and err == "", err
+    assert f"capacity: {100 * net.capacity():.1f}%" in out
+    code, out, err = run_in_process(capsys, "forget", tmp_path / "half.safetensors", "--task", 0,
+                                    "-o", tmp_path / "forgot.safetensors")
+    assert code == 0 and err == "" and "forgot task 0" in out
+    left = hatconvert.load(tmp_path / "forgot.safetensors")
+    assert left.trained_tasks() == [1] and left.model.conv1.weight.dtype == torch.float16
+    with torch.no_grad():
+        assert torch.equal(left(x.half(), 1), half(x.half(), 1))

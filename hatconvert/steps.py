@@ -1,0 +1,83 @@
+"""Every torch optimizer step passes through here: the hooks that connect steps to networks.
+
+torch's global optimizer-step hooks cover any ``torch.optim`` optimizer a user keeps across
+tasks. Before a step, each live HAT network sees it (``check_step``): a pending task is armed,
+and a step that would change a trained task while no task is active is refused before anything
+changes. After a step, each armed guard that owns one of the optimizer's parameters puts the
+protected entries back (``protection.Guard``).
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from typing import TYPE_CHECKING
+
+import torch
+from torch.optim.optimizer import (register_optimizer_step_post_hook,
+                                   register_optimizer_step_pre_hook)
+
+from .errors import TaskError
+
+if TYPE_CHECKING:
+    from .network import HATNetwork
+
+_networks: "weakref.WeakSet[HATNetwork]" = weakref.WeakSet()
+_step_hooks: tuple | None = None
+
+
+def watch(network: "HATNetwork") -> None:
+    """Have every optimizer step call ``network.before_step`` first."""
+    ensure_step_hooks()
+    _networks.add(network)
+
+
+def ensure_step_hooks() -> None:
+    global _step_hooks
+    if _step_hooks is None:
+        from .protection import _after_any_step
+        _step_hooks = (register_optimizer_step_pre_hook(_before_any_step),
+                       register_optimizer_step_post_hook(_after_any_step))
+
+
+def _before_any_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for network in list(_networks):
+        network.before_step(optimizer, owns=bool(ids & network.parameter_ids()))
+
+
+def check_step(net: "HATNetwork", optimizer: torch.optim.Optimizer, owns: bool) -> None:
+    """Arm a pending task, refuse a step that would change a trained task while none is
+    active, and warn about an optimizer that holds none of ``net``'s parameters while it trains.
+
+    A step changes only parameters that have a gradient (torch's optimizers skip the others,
+    weight decay included), so only those count.
+    """
+    if not owns:
+        _warn_foreign_optimizer(net, optimizer)
+        return
+    with_grad = [p for group in optimizer.param_groups for p in group["params"]
+                 if p.grad is not None]
+    if net.active_task is not None:
+        if net._guard is None and with_grad:
+            net._arm_or_abort()
+        return
+    mine = net.parameter_ids()
+    if bool(net.trained.any()) and any(id(p) in mine for p in with_grad):
+        raise TaskError(
+            f"optimizer step over the HAT network's parameters while no task is active: it "
+            f"would change the trained tasks {net.trained_tasks()}; call net.begin_task(t) "
+            "before training task t (the step was not taken)")
+
+
+def _warn_foreign_optimizer(net: "HATNetwork", optimizer: torch.optim.Optimizer) -> None:
+    if net.active_task is None or id(optimizer) in net._warned_optimizers:
+        return
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if params and all(p.grad is None for p in params):
+        net._warned_optimizers.add(id(optimizer))
+        warnings.warn(
+            f"an optimizer step ran while task {net.active_task} trains, over {len(params)} "
+            "parameters none of which has a gradient and none of which belongs to the HAT "
+            "network: was the optimizer built on the original model? Build it from "
+            "net.parameters()", RuntimeWarning, stacklevel=5)
