@@ -8,7 +8,7 @@ passes again), the conversion options, the tasks trained and the example input's
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import json
 import math
 import os
@@ -24,6 +24,7 @@ from torch import nn
 from .errors import CheckpointError, HATError, one_line
 from .layers import output_units
 from .network import HATNetwork
+from .options import ConversionOptions
 
 FORMAT = "hatconvert"
 FORMAT_VERSION = 1
@@ -168,7 +169,7 @@ def metadata(net: HATNetwork, aliases: dict[str, str], path: str) -> dict[str, s
         "config": to_json(net.config, "the conversion config", path),
         "classes_per_task": json.dumps(classes_per_task(net)),
         "example": json.dumps(example),
-        "gated": json.dumps({p: g.mode for p, g in net.layout.gated.items()}),
+        "gated": json.dumps(net.layout.modes()),
         "aliases": json.dumps(aliases, sort_keys=True),
     }
 
@@ -317,11 +318,9 @@ def rebuild(path: str, info: dict[str, Any], model: nn.Module | None) -> HATNetw
     timm's weight-loading keywords (``pretrained``, ``checkpoint_path``) are dropped: every value
     comes from the file, so loading never reads or downloads pretrained weights.
     """
-    from .convert import WEIGHT_KWARGS, convert
+    from .convert import WEIGHT_KWARGS, convert_with_options
     config, source = info["config"], info["source"]
-    accepted = set(inspect.signature(convert).parameters) - {"model", "num_tasks", "weights"}
-    options = {k: v for k, v in config.items() if k in accepted}
-    options["head"] = config.get("head") or False  # None: the conversion found no head
+    timm_kwargs: dict[str, Any] = {}
     if model is None:
         if source.get("kind") != "timm":
             raise CheckpointError(
@@ -329,12 +328,15 @@ def rebuild(path: str, info: dict[str, Any], model: nn.Module | None) -> HATNetw
                 "the original, untrained architecture with hatconvert.load(path, model=...)")
         target: nn.Module | str = source["name"]
         kwargs = source.get("kwargs") or {}  # older files may hold pretrained=True
-        options.update({k: v for k, v in kwargs.items() if k not in WEIGHT_KWARGS})
+        timm_kwargs = {k: v for k, v in kwargs.items() if k not in WEIGHT_KWARGS}
+        for name in {f.name for f in dataclasses.fields(ConversionOptions)} & set(kwargs):
+            config = {**config, name: timm_kwargs.pop(name)}  # older files kept them there
     else:
         target = model
     try:
+        options = ConversionOptions.from_config({**config, "num_tasks": int(info["num_tasks"])})
         with torch.random.fork_rng(devices=[]):  # rebuilding must not move the caller's RNG
-            return convert(target, int(info["num_tasks"]), **options)
+            return convert_with_options(target, options, **timm_kwargs)
     except HATError as exc:
         if model is not None:
             saved_from = source.get("name") or source.get("class") or "unknown"
@@ -372,7 +374,7 @@ def check_architecture(path: str, net: HATNetwork, header: dict[str, dict], info
         if list(expected[name].shape) != list(entry["shape"]):
             raise CheckpointError(f"{wrong}: {name!r} has shape {tuple(entry['shape'])} in the "
                                   f"file but {tuple(expected[name].shape)} in the network")
-    gated = {p: g.mode for p, g in net.layout.gated.items()}
+    gated = net.layout.modes()
     if gated != info["gated"]:
         diff = sorted(set(gated.items()) ^ set(info["gated"].items()))
         raise CheckpointError(f"{wrong}: its layers are gated differently "

@@ -11,6 +11,7 @@ from .errors import CheckpointError, HATError, one_line
 
 if TYPE_CHECKING:
     from .network import HATNetwork
+    from .options import ConversionOptions
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,14 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv = commands.add_parser("convert", help="convert a timm model by name and print the report",
                                description="Convert a timm model by name and print the report.")
     conv.add_argument("model", help="timm model name, e.g. resnet18")
-    conv.add_argument("--num-tasks", type=int, required=True, help="number of tasks")
-    conv.add_argument("--num-classes", type=int, nargs="+", default=None,
-                      help="classes per task: one number for all tasks, or one per task")
+    add_conversion_options(conv)
     conv.add_argument("--weights", default=None, help="local file of pretrained weights")
-    conv.add_argument("--mask-init", default="normal", choices=["normal", "uniform", "dense"],
-                      help="task embedding initialisation (default: normal)")
-    conv.add_argument("--loose", default="task", choices=["task", "freeze"],
-                      help="policy for loose parameters and leaves with hidden weights")
     conv.add_argument("-o", "--output", default=None, metavar="FILE",
                       help="save the converted network to this .safetensors file")
     add_force(conv)
@@ -46,25 +41,55 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write one task as a plain state dict of the original architecture: the "
                     "task's masks folded into the weights, its own norms and head picked. "
                     "Load it with model.load_state_dict(safetensors.torch.load_file(FILE)).")
-    exp.add_argument("checkpoint", help="a .safetensors file written by hatconvert")
-    exp.add_argument("--task", type=int, required=True, help="the task to export")
-    exp.add_argument("-o", "--output", required=True, metavar="FILE",
-                     help="the .safetensors file to write")
+    add_task_command(exp, "the task to export", "the .safetensors file to write")
     exp.add_argument("--allow-untrained", action="store_true",
                      help="export a task that was never trained (its initial masks)")
-    add_force(exp)
 
     forg = commands.add_parser(
         "forget", help="release the units only one task used and save the result",
         description="Forget one trained task: the units only it used become free for later "
                     "tasks; every other task computes exactly what it did.")
-    forg.add_argument("checkpoint", help="a .safetensors file written by hatconvert")
-    forg.add_argument("--task", type=int, required=True, help="the task to forget")
-    forg.add_argument("-o", "--output", required=True, metavar="FILE",
-                      help="where to save the network without the task (not the input: "
-                           "write elsewhere, then rename)")
-    add_force(forg)
+    add_task_command(forg, "the task to forget", "where to save the network without the task "
+                     "(not the input: write elsewhere, then rename)")
     return parser
+
+
+def add_conversion_options(parser: argparse.ArgumentParser) -> None:
+    """The conversion options, with the choices, defaults and help of ``ConversionOptions``."""
+    from .options import ConversionOptions as Options
+    parser.add_argument("--num-tasks", type=int, required=True, help=Options.help("num_tasks"))
+    parser.add_argument("--num-classes", type=int, nargs="+", default=None,
+                        help=Options.help("num_classes"))
+    for name, choices in Options.CHOICES.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", default=Options.default(name),
+                            choices=choices, help=f"{Options.help(name)} (default: {Options.default(name)})")
+    for name in ("include", "exclude"):
+        parser.add_argument(f"--{name}", nargs="+", default=None, metavar="PATTERN",
+                            help=Options.help(name))
+    parser.add_argument("--head", nargs="+", default=None, metavar="PATH",
+                        help="module path of the classifier, or several (default: found)")
+    parser.add_argument("--no-head", action="store_true", help="no task-indexed head")
+    parser.add_argument("--auto-leaves", action="store_true", help=Options.help("auto_leaves"))
+
+
+def conversion_options(args: argparse.Namespace) -> "ConversionOptions":
+    from .options import ConversionOptions
+    classes = args.num_classes
+    head = False if args.no_head else args.head[0] if args.head and len(args.head) == 1 \
+        else args.head
+    return ConversionOptions(
+        num_tasks=args.num_tasks, num_classes=classes[0] if classes and len(classes) == 1
+        else classes, mask_init=args.mask_init, head=head, loose=args.loose,
+        include=args.include, exclude=args.exclude, leaves=args.leaves,
+        auto_leaves=args.auto_leaves)
+
+
+def add_task_command(parser: argparse.ArgumentParser, task_help: str, output_help: str) -> None:
+    """The arguments ``export`` and ``forget`` share: a checkpoint, a task, an output."""
+    parser.add_argument("checkpoint", help="a .safetensors file written by hatconvert")
+    parser.add_argument("--task", type=int, required=True, help=task_help)
+    parser.add_argument("-o", "--output", required=True, metavar="FILE", help=output_help)
+    add_force(parser)
 
 
 def add_force(parser: argparse.ArgumentParser) -> None:
@@ -110,15 +135,12 @@ def load_checkpoint(path: str, bar) -> HATNetwork:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from .convert import convert
+    from .convert import convert_with_options
     check_output(args.output, "-o", args.force, [args.weights])
-    classes = args.num_classes
-    if classes is not None and len(classes) == 1:
-        classes = classes[0]
+    options = conversion_options(args)
     with progress(1 if args.output is None else 2, "convert") as bar:  # closed before errors
         bar.set_postfix_str(f"converting {args.model}")
-        net = convert(args.model, num_tasks=args.num_tasks, num_classes=classes,
-                      mask_init=args.mask_init, loose=args.loose, weights=args.weights)
+        net = convert_with_options(args.model, options, weights=args.weights)
         bar.update(1)
         if args.output is not None:
             from .checkpoint import save

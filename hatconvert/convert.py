@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 from typing import Any, Sequence
@@ -9,16 +10,15 @@ from typing import Any, Sequence
 from torch import nn
 
 from .errors import ConversionError, one_line
-from .gates import MASK_INITS, HATGate
+from .gates import HATGate
 from .layers import is_gatable
 from .network import HATNetwork
 from .report import ConversionReport, classify_tensors
-from .rewrite import Layout
-from .rewrite import LEAF_POLICIES, find_output_layer, output_layers, rewrite
+from .layout import Layout
+from .options import ConversionOptions
+from .rewrite import find_output_layer, output_layers, rewrite
 from .tracing import trace_model
 
-LOOSE_POLICIES = ("task", "freeze")
-CONVERSION_MASK_INITS = ("normal", "uniform", "dense")
 
 
 # timm.create_model keywords that load weights rather than shape the architecture: not stored
@@ -137,49 +137,25 @@ def convert(model: nn.Module | str, num_tasks: int, *, num_classes: int | Sequen
 
     The caller's model is never modified; the conversion works on a copy.
     """
-    check_options(model, num_tasks, mask_init, loose, leaves, auto_leaves)
-    include, exclude = patterns(include, "include"), patterns(exclude, "exclude")
-    head_classes = check_num_classes(num_classes, num_tasks)
+    check_not_converted(model)
+    options = ConversionOptions(num_tasks, num_classes, mask_init, head, loose, include, exclude,
+                                leaves, auto_leaves)
+    return convert_with_options(model, options, weights=weights, **timm_kwargs)
 
-    if isinstance(model, str):
-        name = model
-        model = create_timm_model(name, num_classes=head_classes[0] if head_classes else None,
-                                  weights=weights, **timm_kwargs)
-        kept = {k: v for k, v in timm_kwargs.items() if k not in WEIGHT_KWARGS}
-        source: dict[str, Any] = {"kind": "timm", "name": name, "kwargs": kept}
-    elif isinstance(model, nn.Module):
-        if weights is not None or timm_kwargs:
-            raise ConversionError("weights and timm keyword arguments apply to a timm model name; "
-                                  "for an nn.Module, load its weights before converting")
-        name = type(model).__name__
-        source = {"kind": "custom", "class": name}
-    else:
-        raise ConversionError(f"convert expects an nn.Module or a timm model name, "
-                              f"got {type(model).__name__}")
 
-    traced = trace_model(model, name, auto_leaves=auto_leaves)
+def convert_with_options(model: nn.Module | str, options: ConversionOptions, *,
+                         weights: str | os.PathLike | None = None,
+                         **timm_kwargs: Any) -> HATNetwork:
+    """``convert`` with options already checked (``load`` rebuilds a network this way)."""
+    check_not_converted(model)
+    model, name, source = source_model(model, options, weights, timm_kwargs)
+    traced = trace_model(model, name, auto_leaves=options.auto_leaves)
     gm = traced.gm
-    if head is False:
-        head_path = None
-        if head_classes is not None:
-            raise ConversionError("num_classes needs a head; do not pass head=False with it")
-    elif isinstance(head, str):
-        head_path = head
-    elif isinstance(head, (list, tuple)) and head and all(isinstance(h, str) for h in head):
-        head_path = list(head)
-    elif head is None or head is True:
-        called = {n.target for n in gm.graph.find_nodes(op="call_module")}
-        head_path = classifier_path(model, find_output_layer(gm), called, output_layers(gm))
-    else:
-        raise ConversionError(f"head must be a module path, a list of them, None or False, "
-                              f"got {head!r}")
-    if head_classes is not None and head_path is None:
-        raise ConversionError(f"{name} has no classifier layer to give num_classes to; "
-                              "name one with head='module.path'")
-
+    head_path = find_head(model, gm, options, name)
     original_keys = list(model.state_dict())
-    layout = rewrite(gm, num_tasks, head=head_path, head_classes=head_classes, mask_init=mask_init,
-                     loose=loose, include=include, exclude=exclude, leaves=leaves)
+    layout = rewrite(gm, options.num_tasks, head=head_path, head_classes=options.num_classes,
+                     mask_init=options.mask_init, loose=options.loose, include=options.include,
+                     exclude=options.exclude, leaves=options.leaves)
     layout.original_keys = original_keys
     layout.mode_dependent = traced.mode_dependent
     layout.auto_leaves = list(traced.auto_leaves)
@@ -187,51 +163,55 @@ def convert(model: nn.Module | str, num_tasks: int, *, num_classes: int | Sequen
     dropped = set(layout.dropped)  # the overhead compares what the network holds
     original_params = sum(p.numel() for n, p in model.named_parameters() if n not in dropped)
     if not layout.gated:
-        raise nothing_gated(model, name, head_path, include, exclude)
-    report = ConversionReport(layout, num_tasks, original_params,
+        raise nothing_gated(model, name, head_path, options.include, options.exclude)
+    report = ConversionReport(layout, options.num_tasks, original_params,
                               sum(p.numel() for p in gm.parameters()),
                               classify_tensors(gm, layout))
-    config = dict(num_tasks=num_tasks, num_classes=head_classes, mask_init=mask_init,
-                  head=head_path, loose=loose, include=list(include or []),
-                  exclude=list(exclude or []), leaves=leaves, auto_leaves=auto_leaves,
-                  source=source)
-    return HATNetwork(gm, layout, report, num_tasks, config)
+    found = dataclasses.replace(options, head=head_path)  # None: no head was found
+    return HATNetwork(gm, layout, report, found, source)
 
 
-def check_options(model: Any, num_tasks: Any, mask_init: Any, loose: Any, leaves: Any,
-                  auto_leaves: Any) -> None:
-    """Refuse a bad option before any model is built, naming the option."""
+def source_model(model: nn.Module | str, options: ConversionOptions,
+                 weights: str | os.PathLike | None, timm_kwargs: dict[str, Any]
+                 ) -> tuple[nn.Module, str, dict[str, Any]]:
+    """The model to trace, its name, and the source a checkpoint records to rebuild it."""
+    if isinstance(model, str):
+        classes = options.num_classes
+        built = create_timm_model(model, num_classes=classes[0] if classes else None,
+                                  weights=weights, **timm_kwargs)
+        kept = {k: v for k, v in timm_kwargs.items() if k not in WEIGHT_KWARGS}
+        return built, model, {"kind": "timm", "name": model, "kwargs": kept}
+    if isinstance(model, nn.Module):
+        if weights is not None or timm_kwargs:
+            raise ConversionError("weights and timm keyword arguments apply to a timm model name; "
+                                  "for an nn.Module, load its weights before converting")
+        name = type(model).__name__
+        return model, name, {"kind": "custom", "class": name}
+    raise ConversionError(f"convert expects an nn.Module or a timm model name, "
+                          f"got {type(model).__name__}")
+
+
+def find_head(model: nn.Module, gm: Any, options: ConversionOptions, name: str
+              ) -> str | list[str] | None:
+    """The head path(s): as given, or found (timm's classifier, else the output layer)."""
+    if options.head is False:
+        return None
+    if options.head is not None:
+        return options.head
+    called = {n.target for n in gm.graph.find_nodes(op="call_module")}
+    head = classifier_path(model, find_output_layer(gm), called, output_layers(gm))
+    if options.num_classes is not None and head is None:
+        raise ConversionError(f"{name} has no classifier layer to give num_classes to; "
+                              "name one with head='module.path'")
+    return head
+
+
+def check_not_converted(model: Any) -> None:
+    """Refuse a network that is already a HAT network (converting it again would nest gates)."""
     if isinstance(model, HATNetwork) or (isinstance(model, nn.Module) and any(
             isinstance(m, HATGate) for m in model.modules())):
         raise ConversionError(f"{type(model).__name__} is already a HAT network (it holds HAT "
                               "gates): convert the original model, or keep training this one")
-    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
-        raise ConversionError(f"num_tasks must be an int >= 1, got {num_tasks!r}")
-    if not isinstance(mask_init, str) or mask_init not in CONVERSION_MASK_INITS:
-        others = ", ".join(m for m in MASK_INITS if m not in CONVERSION_MASK_INITS)
-        raise ConversionError(f"unknown mask_init {mask_init!r}; choose one of "
-                              f"{', '.join(CONVERSION_MASK_INITS)} (begin_task also takes "
-                              f"{others})")
-    if not isinstance(loose, str) or loose not in LOOSE_POLICIES:
-        raise ConversionError(f"unknown loose policy {loose!r}; choose one of "
-                              f"{', '.join(LOOSE_POLICIES)}")
-    if not isinstance(leaves, str) or leaves not in LEAF_POLICIES:
-        raise ConversionError(f"unknown leaves policy {leaves!r}; choose one of "
-                              f"{', '.join(LEAF_POLICIES)}")
-    if not isinstance(auto_leaves, bool):
-        raise ConversionError(f"auto_leaves must be True or False, got {auto_leaves!r}")
-
-
-def patterns(value: str | Sequence[str] | None, option: str) -> list[str] | None:
-    """``include``/``exclude`` as a list of fnmatch patterns; one string is one pattern."""
-    if value is None:
-        return None
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, (list, tuple, set, frozenset)) or \
-            not all(isinstance(p, str) for p in items):
-        raise ConversionError(f"{option} must be a module-path pattern or a list of them, "
-                              f"got {value!r}")
-    return list(items) or None
 
 
 def nothing_gated(model: nn.Module, name: str, heads: str | list[str] | None,
@@ -266,9 +246,10 @@ def unused_tensors(model: nn.Module, gm: nn.Module, layout: Layout) -> list[str]
     moved = set(layout.task_params)
 
     def held(name: str) -> bool:
-        parts = name.split(".")  # task-indexed copies live at PATH.copies.0.REST
+        parts = name.split(".")  # is task 0's copy of some module above it held?
         return name in kept or name in moved or any(
-            ".".join(parts[:k] + ["copies", "0"] + parts[k:]) in kept for k in range(len(parts)))
+            Layout.copy_key(".".join(parts[:k]), 0, ".".join(parts[k:])) in kept
+            for k in range(1, len(parts)))
 
     named = list(model.named_parameters(remove_duplicate=False)) + list(
         model.named_buffers(remove_duplicate=False))
@@ -276,22 +257,3 @@ def unused_tensors(model: nn.Module, gm: nn.Module, layout: Layout) -> list[str]
     for name, tensor in named:
         aliases.setdefault(id(tensor), []).append(name)
     return [name for name, tensor in named if not any(held(a) for a in aliases[id(tensor)])]
-
-
-def check_num_classes(num_classes: int | Sequence[int] | None, num_tasks: int) -> list[int] | None:
-    """One class count per task, or None to keep the model's head as it is."""
-    if num_classes is None:
-        return None
-    if isinstance(num_classes, int) and not isinstance(num_classes, bool):
-        counts = [num_classes] * num_tasks
-    elif isinstance(num_classes, (list, tuple)):
-        counts = list(num_classes)
-        if len(counts) != num_tasks:
-            raise ConversionError(f"num_classes has {len(counts)} entries but num_tasks is "
-                                  f"{num_tasks}: give one class count per task")
-    else:
-        raise ConversionError(f"num_classes must be an int or a list of ints, got {num_classes!r}")
-    bad = [c for c in counts if isinstance(c, bool) or not isinstance(c, int) or c < 1]
-    if bad:
-        raise ConversionError(f"num_classes entries must be ints >= 1, got {bad}")
-    return counts

@@ -13,6 +13,11 @@ class ConversionError(HATError):
     """The model cannot be converted; the message names the module or function at fault."""
 
 
+class OptionError(ConversionError, ValueError):
+    """An option has a value hatconvert does not accept (at conversion, ``begin_task`` or in a
+    schedule); the message names the option and its choices."""
+
+
 class TaskError(HATError, ValueError):
     """A task id or task sequence is invalid (out of range, out of order)."""
 

@@ -19,27 +19,28 @@ from .checkpoint import check_target, write_atomic, write_safetensors
 from .errors import ExportError, TaskError
 from .layers import gate_behind_norm, is_cond_conv
 from .network import HATNetwork
-from .rewrite import GATES
+from .layout import GATES, Layout
 
 
 def task_state(net: HATNetwork, t: int) -> dict[str, torch.Tensor]:
     """Task ``t``'s tensors under the original model's names (gates left out), as copies."""
     layout = net.layout
-    indexed = [f"{p}.copies." for p in layout.norms + layout.heads + layout.task_leaves]
-    params = {f"{new}.copies.": name for name, new in layout.task_params.items()}
+    indexed = [Layout.copies_prefix(p) for p in layout.task_indexed_modules()]
+    params = {Layout.copies_prefix(new): name
+              for name, new in layout.task_indexed_parameters().items()}
     out: dict[str, torch.Tensor] = {}
     for key, value in net.model.state_dict().items():
         if key.startswith(f"{GATES}."):
             continue
         prefix = next((p for p in indexed if key.startswith(p)), None)
         if prefix is not None:
-            index, _, rest = key[len(prefix):].partition(".")
-            if int(index) == t:
+            index, rest = Layout.split_copy_key(key, prefix)
+            if index == t:
                 out[prefix[:-len("copies.")] + rest] = value.detach().clone()
             continue
         prefix = next((p for p in params if key.startswith(p)), None)
         if prefix is not None:
-            if int(key[len(prefix):]) == t:
+            if Layout.split_copy_key(key, prefix)[0] == t:
                 out[params[prefix]] = value.detach().clone()
             continue
         out[key] = value.detach().clone()
@@ -145,7 +146,7 @@ def fold_masks(state: dict[str, torch.Tensor], net: HATNetwork, t: int) -> None:
     behind = gates_behind_norms(net, t)
     for path, info in net.layout.gated.items():
         mask = gates[path].mask(t).detach()
-        if info.norm is not None and info.mode in ("norm", "output") and behind[path]:
+        if info.behind_norm and behind[path]:
             fold_into_norm(state, net, path, info.norm, t, mask)
             continue
         if getattr(info, "external_bias", False) and not bool(mask.all()):

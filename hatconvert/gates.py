@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MASK_INITS = ("normal", "uniform", "U01", "U-10", "dense", "last")
+from .options import MASK_INITS, check_choice
+
 
 # float32's machine epsilon: a gate this far below an open unit's 1.0 contributes nothing that
 # float32 arithmetic downstream can tell from zero, and products of a few such gates stay normal.
@@ -38,7 +39,7 @@ def init_embedding_(row: torch.Tensor, mode: str, previous: torch.Tensor | None 
             else:
                 row.copy_(previous)
         else:
-            raise ValueError(f"unknown mask_init {mode!r}; choose one of {', '.join(MASK_INITS)}")
+            check_choice("mask_init", mode, MASK_INITS)
 
 
 def soft_gate(embedding: torch.Tensor, mask_scale: float | torch.Tensor) -> torch.Tensor:
@@ -89,14 +90,6 @@ class HATGate(nn.Module):
 
     def extra_repr(self) -> str:
         return f"tasks={self.embedding.shape[0]}, units={self.units}"
-
-
-# How a gate reaches a layer's output. All three compute ``gate * layer(x)`` (behind the norm
-# where one follows); folding the gate into a weight or a norm's affine touches a weight-sized
-# tensor instead of the activation, which keeps the overhead of a HAT network small.
-GATE_ON_OUTPUT = "output"        # multiply the output (any layer, any norm subclass)
-GATE_IN_WEIGHT = "weight"        # scale rows of weight and bias (exact nn.Linear / nn.ConvNd)
-GATE_IN_NORM = "norm"            # scale the affine of the exact BatchNorm that follows
 
 
 def can_fold_into_weight(layer: nn.Module) -> bool:

@@ -10,13 +10,14 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import HATError, TaskError
-from .gates import MASK_INITS, HATGate, init_embedding_, soft_gate
+from .errors import HATError, OptionError, TaskError
+from .gates import HATGate, init_embedding_, soft_gate
+from .options import MASK_INITS, ConversionOptions, check_choice, check_s_max
 from .propagation import input_masks
 from .protection import ADJUSTMENTS, Guard, arm_task, weight_protection
 from .steps import check_step, watch
 from .report import ConversionReport
-from .rewrite import Layout
+from .layout import Layout
 
 
 class HATNetwork(nn.Module):
@@ -29,12 +30,13 @@ class HATNetwork(nn.Module):
     """
 
     def __init__(self, model: fx.GraphModule, layout: Layout, report: ConversionReport,
-                 num_tasks: int, config: dict[str, Any]):
+                 options: ConversionOptions, source: dict[str, Any]):
         super().__init__()
         self.model = model
         self.layout = layout
-        self.num_tasks = num_tasks
-        self.config = config
+        self.options = options  # with the head the conversion found (None: no head)
+        self.source = source  # how a checkpoint rebuilds the model: a timm name, or custom
+        num_tasks = self.num_tasks = options.num_tasks
         self._report = report
         self.register_buffer("trained", torch.zeros(num_tasks, dtype=torch.bool))
         self.active_task: int | None = None
@@ -62,6 +64,11 @@ class HATNetwork(nn.Module):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         watch(self)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The conversion options and the source, as plain values (checkpoint metadata)."""
+        return {**self.options.to_config(), "source": self.source}
 
     def parameter_ids(self) -> set[int]:
         return {id(p) for p in self.parameters()}
@@ -128,7 +135,7 @@ class HATNetwork(nn.Module):
         if bool(self.trained[t]) and not retrain:
             raise TaskError(f"task {t} is already trained; begin_task({t}, retrain=True) trains "
                             "it again and replaces what it learned")
-        mode = mask_init or self.config["mask_init"]
+        mode = mask_init or self.options.mask_init
         check_begin_options(mode, adjustment, alpha, s_max)
         gates = self.gates()
         self._task_start = {path: gate.embedding[t].detach().clone()
@@ -380,14 +387,9 @@ def check_mask_scale(mask_scale: Any) -> None:
 
 def check_begin_options(mode: str, adjustment: str, alpha: Any, s_max: Any) -> None:
     """``begin_task``'s options, checked before anything changes."""
-    if mode not in MASK_INITS:
-        raise ValueError(f"unknown mask_init {mode!r}; choose one of {', '.join(MASK_INITS)}")
-    if adjustment not in ADJUSTMENTS:
-        raise ValueError(f"unknown adjustment {adjustment!r}; choose one of "
-                         f"{', '.join(ADJUSTMENTS)}")
+    check_choice("mask_init", mode, MASK_INITS)
+    check_choice("adjustment", adjustment, ADJUSTMENTS)
     if adjustment == "hat_const_alpha" and not (isinstance(alpha, (int, float))
                                                  and 0 <= alpha <= 1):
-        raise ValueError(f"adjustment 'hat_const_alpha' needs alpha in [0, 1], got {alpha!r}")
-    if isinstance(s_max, bool) or not (isinstance(s_max, (int, float)) and math.isfinite(s_max)
-                                       and s_max > 0):
-        raise ValueError(f"s_max must be a positive number, got {s_max!r}")
+        raise OptionError(f"adjustment 'hat_const_alpha' needs alpha in [0, 1], got {alpha!r}")
+    check_s_max(s_max)

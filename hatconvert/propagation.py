@@ -26,7 +26,7 @@ from .layers import (TaskIndexed, gate_behind_norm, maps_zero_to_zero, norm_chan
 from .op_rules import (ALL_DATA, CAST_METHODS, ELEMENTWISE_MODULES, MASKED_FILL, PRODUCTS,
                        QUOTIENTS, SHAPE_ONLY_OTHERS, STRUCTURAL_MODULES, SUMS, WHERE,
                        is_elementwise, is_structural, signed_interpolation, value_at_zero)
-from .rewrite import Layout
+from .layout import Layout
 
 def _has_tensor(value: Any) -> bool:
     if isinstance(value, torch.Tensor):

@@ -243,12 +243,12 @@ def held_whole(net: "HATNetwork", others: list[int]) -> list[torch.Tensor]:
     """Tensors other trained tasks own outright: their copies, and frozen tensors."""
     layout, model = net.layout, net.model
     tensors = []
-    for path in layout.norms + layout.heads + layout.task_leaves:
+    for path in layout.task_indexed_modules():
         copies = model.get_submodule(path).copies
         for o in others:
             tensors += list(copies[o].parameters()) + [
                 b for b in copies[o].buffers() if b.is_floating_point()]
-    for new_path in layout.task_params.values():
+    for new_path in layout.task_indexed_parameters().values():
         copies = model.get_submodule(new_path).copies
         tensors += [copies[o] for o in others]
     if others:
@@ -256,7 +256,7 @@ def held_whole(net: "HATNetwork", others: list[int]) -> list[torch.Tensor]:
             module = model.get_submodule(path)
             tensors += list(module.parameters()) + [
                 b for b in module.buffers() if b.is_floating_point()]
-        for name in layout.frozen_params + layout.frozen_in_gated:
+        for name in layout.frozen_parameters():
             tensors.append(model.get_parameter(name))
         for name in layout.frozen_tensors:  # inside converted leaves, written buffers
             owner, _, attr = name.rpartition(".")

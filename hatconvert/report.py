@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .rewrite import GATES, Layout
+from .layout import GATES, GatePlacement, Layout
 
 CATEGORIES = ("gated", "gate", "task-indexed", "frozen", "constant")
 
@@ -33,23 +33,15 @@ class ConversionReport:
         lines = [f"HAT conversion: {self.num_tasks} tasks",
                  f"  gated layers ({len(lay.gated)}):"]
         for g in lay.gated.values():
-            behind = "" if g.unit_dim == 1 else (" (before the norm instead when its channel "
-                                                  "dim is not the layer's last dim)")
-            where = {"norm": f"folded into the affine of norm {g.norm}{behind}",
-                     "weight": "folded into its weight rows",
-                     "output": f"on the output of norm {g.norm}{behind}" if g.norm
-                     else "on its output",
-                     "function": "on the output of each F.linear that reads its weight",
-                     "leaf": f"on its output, inside converted leaf {g.leaf}",
-                     "rows": "folded into its weight rows wherever the graph reads them"}
-            lines.append(f"    {g.path} ({g.units} units): gate {where.get(g.mode, g.mode)}")
+            where = GatePlacement(g.mode).describe(g.norm, g.unit_dim, g.leaf)
+            lines.append(f"    {g.path} ({g.units} units): gate {where}")
         sections = [
             ("task-indexed norms", lay.norms),
             ("task-indexed heads", lay.heads),
             ("task-indexed leaves (weights hidden inside)", lay.task_leaves),
             ("frozen leaves (weights hidden inside, frozen after task 0)", lay.frozen_leaves),
             ("task-indexed parameters", list(lay.task_params)),
-            ("frozen parameters (frozen after task 0)", lay.frozen_params + lay.frozen_in_gated),
+            ("frozen parameters (frozen after task 0)", lay.frozen_parameters()),
             ("converted leaves (layers inside gated, norms task-indexed)", lay.converted_leaves),
             ("frozen tensors inside converted leaves or written by the graph (frozen after "
              "task 0)", lay.frozen_tensors),
@@ -81,13 +73,11 @@ def classify_tensors(gm: nn.Module, layout: Layout) -> dict[str, str]:
     for path in layout.gated:
         prefixes += [(f"{path}.weight", "gated"), (f"{path}.bias", "gated")]
     prefixes += [(f"{GATES}.", "gate")]  # task embeddings and stored masks
-    for path in layout.norms + layout.heads + layout.task_leaves:
-        prefixes.append((f"{path}.copies.", "task-indexed"))
-    for new_path in layout.task_params.values():
-        prefixes.append((f"{new_path}.copies.", "task-indexed"))
+    for path in layout.task_indexed_modules() + list(layout.task_indexed_parameters().values()):
+        prefixes.append((Layout.copies_prefix(path), "task-indexed"))
     for path in layout.frozen_leaves:
         prefixes.append((f"{path}.", "frozen"))
-    for name in layout.frozen_params + layout.frozen_in_gated + layout.frozen_tensors:
+    for name in layout.frozen_parameters() + layout.frozen_tensors:
         prefixes.append((name, "frozen"))
     for name in layout.constant_buffers:
         prefixes.append((name, "constant"))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import fnmatch
 import operator
-from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -19,57 +18,12 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from .errors import ConversionError
-from .gates import (GATE_IN_NORM, GATE_IN_WEIGHT, GATE_ON_OUTPUT, HATGate, apply_gate,
-                    can_fold_into_norm, can_fold_into_weight, gated_layer, scale_rows)
+from .gates import (HATGate, apply_gate, can_fold_into_norm, can_fold_into_weight, gated_layer,
+                    scale_rows)
 from .layers import (TaskIndexed, TaskParameter, has_hooks, is_cond_conv, is_gatable, is_norm,
                      normalizes_each_unit, output_units, unit_dim)
+from .layout import GATES, PARAMS, GatedLayer, GatePlacement, Layout
 from .leaves import apply_plan, plan_leaf, route_calls
-
-LEAF_POLICIES = ("convert", "loose")
-GATE_ON_FUNCTION = "function"  # on the output of F.linear(x, layer.weight, ...) (see below)
-GATE_IN_LEAF = "leaf"          # on the output of a layer inside a converted leaf (leaves.py)
-GATE_IN_ROWS = "rows"          # folded into weight rows wherever the graph reads the weight
-
-GATES = "hat_gates"
-PARAMS = "hat_params"
-
-
-@dataclass
-class GatedLayer:
-    """One gated layer: where it is, its gate, and the norm (if any) the gate sits behind."""
-
-    path: str
-    gate: str
-    units: int
-    unit_dim: int
-    norm: str | None = None
-    mode: str = "output"
-    leaf: str | None = None  # the converted leaf the layer sits in (mode "leaf")
-    # mode "function": F.linear adds a bias that is not the layer's own (beit's q_bias, v_bias);
-    # the gate multiplies it too, so scaling the weight rows and the layer's bias misses it
-    external_bias: bool = False
-
-
-@dataclass
-class Layout:
-    """What the conversion did, by module or parameter path in the converted graph module."""
-
-    gated: dict[str, GatedLayer] = field(default_factory=dict)
-    norms: list[str] = field(default_factory=list)
-    heads: list[str] = field(default_factory=list)
-    task_leaves: list[str] = field(default_factory=list)
-    frozen_leaves: list[str] = field(default_factory=list)
-    task_params: dict[str, str] = field(default_factory=dict)  # original name -> new module path
-    frozen_params: list[str] = field(default_factory=list)
-    constant_buffers: list[str] = field(default_factory=list)
-    frozen_in_gated: list[str] = field(default_factory=list)  # extra params of gated layers
-    original_keys: list[str] = field(default_factory=list)  # the model's state_dict (export)
-    converted_leaves: list[str] = field(default_factory=list)  # leaves converted inside
-    frozen_tensors: list[str] = field(default_factory=list)  # params and buffers, by full name
-    dropped: list[str] = field(default_factory=list)  # model tensors the network does not hold
-    auto_leaves: list[str] = field(default_factory=list)  # submodules kept whole to trace
-    mode_dependent: bool = False  # train and eval graphs differ: the eval graph is kept
-
 
 def add_task_inputs(graph: fx.Graph) -> tuple[fx.Node, fx.Node]:
     """Add ``task_id`` and ``mask_scale`` placeholders after the model's own inputs."""
@@ -283,8 +237,8 @@ def gate_output(graph: fx.Graph, site: fx.Node, gate: fx.Node, dim: int) -> None
 
 
 def gate_call(gm: fx.GraphModule, node: fx.Node, gate_path: str, dim: int, norms: set[str],
-              calls: dict[str, list[fx.Node]], task: fx.Node, scale: fx.Node) -> tuple[str, str | None]:
-    """Gate one call of a layer; return how (a ``GATE_*`` mode) and behind which norm."""
+              calls: dict[str, list[fx.Node]], task: fx.Node, scale: fx.Node) -> tuple[GatePlacement, str | None]:
+    """Gate one call of a layer; return how (a ``GatePlacement``) and behind which norm."""
     graph = gm.graph
     with graph.inserting_before(node):
         gate = graph.call_module(gate_path, (task, scale))
@@ -293,7 +247,7 @@ def gate_call(gm: fx.GraphModule, node: fx.Node, gate_path: str, dim: int, norms
         norm.kwargs = {**norm.kwargs, "gate": gate, "gate_dim": dim}
         module = gm.get_submodule(norm.target)
         foldable = can_fold_into_norm(module) and not has_hooks(module)
-        return (GATE_IN_NORM if foldable else GATE_ON_OUTPUT), norm.target
+        return (GatePlacement.NORM if foldable else GatePlacement.OUTPUT), norm.target
     layer = gm.get_submodule(node.target)
     if can_fold_into_weight(layer) and not has_hooks(layer) and len(node.args) == 1 \
             and not node.kwargs:
@@ -302,9 +256,9 @@ def gate_call(gm: fx.GraphModule, node: fx.Node, gate_path: str, dim: int, norms
             folded = graph.call_function(gated_layer, (node.args[0], layer, gate))
         node.replace_all_uses_with(folded)
         graph.erase_node(node)
-        return GATE_IN_WEIGHT, None
+        return GatePlacement.WEIGHT, None
     gate_output(graph, node, gate, dim)
-    return GATE_ON_OUTPUT, None
+    return GatePlacement.OUTPUT, None
 
 
 def rewrite(gm: fx.GraphModule, num_tasks: int, *, head: str | list[str] | None,
@@ -410,7 +364,7 @@ def gate_functional(gm: fx.GraphModule, target: str, nodes: list[fx.Node], num_t
             gate = gm.graph.call_module(gate_path, (task, scale))
         gate_output(gm.graph, node, gate, -1)
     layout.gated[target] = GatedLayer(target, gate_path, output_units(module), -1, None,
-                                      GATE_ON_FUNCTION, external_bias=external)
+                                      GatePlacement.FUNCTION, external_bias=external)
     layout.frozen_in_gated += [f"{target}.{n}" for n, _ in module.named_parameters()
                                if n not in ("weight", "bias")]
 
@@ -428,7 +382,7 @@ def gate_rows(gm: fx.GraphModule, target: str, reads: list[fx.Node], num_tasks: 
             folded = graph.call_function(scale_rows, (node, gate))
         node.replace_all_uses_with(folded, delete_user_cb=lambda user: user is not folded)
     layout.gated[target] = GatedLayer(target, gate_path, output_units(module), unit_dim(module),
-                                      None, GATE_IN_ROWS)
+                                      None, GatePlacement.ROWS)
     layout.frozen_in_gated += [f"{target}.{n}" for n, _ in module.named_parameters()
                                if n not in ("weight", "bias")]
 
@@ -448,7 +402,7 @@ def convert_leaf(gm: fx.GraphModule, target: str, nodes: list[fx.Node], num_task
     route_calls(gm.graph, nodes, task, scale, gate_paths)
     for (path, layer), gate_path in zip(plan.layers, gate_paths):
         layout.gated[path] = GatedLayer(path, gate_path, output_units(layer), unit_dim(layer),
-                                        None, GATE_IN_LEAF, leaf=target)
+                                        None, GatePlacement.LEAF, leaf=target)
     layout.norms += [path for path, _ in plan.norms]
     layout.task_leaves += [path for path, _ in plan.indexed]
     layout.frozen_tensors += plan.frozen

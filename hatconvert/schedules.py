@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from .options import check_choice, check_s_max
+
 SCHEDULES = ("linear", "cosine", "constant")
 
 
@@ -19,8 +21,8 @@ def mask_scale(batch: int, num_batches: int, s_max: float = 400.0, schedule: str
         raise ValueError(f"num_batches must be an int >= 1, got {num_batches!r}")
     if isinstance(batch, bool) or not isinstance(batch, int) or not 0 <= batch < num_batches:
         raise ValueError(f"batch must be an int in [0, {num_batches}), got {batch!r}")
-    if not (isinstance(s_max, (int, float)) and math.isfinite(s_max) and s_max > 0):
-        raise ValueError(f"s_max must be a positive number, got {s_max!r}")
+    check_s_max(s_max)
+    check_choice("schedule", schedule, SCHEDULES)
     p = batch / (num_batches - 1) if num_batches > 1 else 1.0
     if schedule == "linear":
         return 1.0 / s_max + (s_max - 1.0 / s_max) * p
@@ -29,6 +31,4 @@ def mask_scale(batch: int, num_batches: int, s_max: float = 400.0, schedule: str
         if floor <= 0:
             raise ValueError(f"s_min must be positive, got {s_min!r}")
         return max(floor, s_max / 2.0 * math.cos(2.0 * math.pi * p) + s_max / 2.0)
-    if schedule == "constant":
-        return float(s_max)
-    raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    return float(s_max)  # constant

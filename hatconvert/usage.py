@@ -33,7 +33,7 @@ def usage_table(net: HATNetwork, free: dict[str, float] | None = None) -> str:
     headers = ["layer", "units", "gate"] + [f"task {t}" for t in tasks] + ["free"]
     rows = []
     for path, info in net.layout.gated.items():
-        mode = info.mode if info.norm is None else f"{info.mode}:{info.norm}"
+        mode = str(info.mode) if info.norm is None else f"{info.mode}:{info.norm}"
         rows.append([path, str(info.units), mode]
                     + [f"{100 * usage[path][t]:.1f}%" for t in tasks]
                     + ["n/a" if free is None else f"{100 * free[path]:.1f}%"])

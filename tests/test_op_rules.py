@@ -22,7 +22,7 @@ from hypothesis import given, settings, strategies as st  # noqa: E402
 
 from hatconvert import op_rules  # noqa: E402
 from hatconvert.propagation import MaskPropagator  # noqa: E402
-from hatconvert.rewrite import Layout  # noqa: E402
+from hatconvert.layout import Layout  # noqa: E402
 
 NUMBERS = st.one_of(st.sampled_from([-2.0, -0.5, 0.0, 0.3, 1.0, 2.5]),
                     st.floats(-3, 3, allow_nan=False, width=32))
