@@ -26,6 +26,13 @@ from .layers import output_units
 from .network import HATNetwork
 from .options import ConversionOptions
 
+__all__ = ['FORMAT', 'FORMAT_VERSION', 'MAX_HEADER_BYTES', 'DTYPE_SIZES', 'REQUIRED', 'as_path',
+           'check_target', 'write_atomic', 'unshared', 'classes_per_task', 'to_json', 'metadata',
+           'save', 'write_safetensors', 'read_header', 'parse_metadata', 'describe',
+           'is_checkpoint', 'rebuild', 'check_architecture', 'MAX_EXAMPLE_ELEMENTS',
+           'INDEX_DTYPES', 'parse_example', 'example_dtype', 'check_device', 'load',
+           'load_tensors']
+
 FORMAT = "hatconvert"
 FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
@@ -147,6 +154,7 @@ def classes_per_task(net: HATNetwork) -> list[int] | None:
 
 
 def to_json(value: Any, what: str, path: str) -> str:
+    """``value`` as JSON, or a ``CheckpointError`` naming what cannot be stored."""
     try:
         return json.dumps(value, sort_keys=True)
     except (TypeError, ValueError) as exc:
@@ -155,6 +163,7 @@ def to_json(value: Any, what: str, path: str) -> str:
 
 
 def metadata(net: HATNetwork, aliases: dict[str, str], path: str) -> dict[str, str]:
+    """The string metadata a checkpoint stores beside the tensors (how to rebuild the network)."""
     from . import __version__
     spec = net.example_spec()
     example = None if spec is None else {"shape": list(spec[0]),

@@ -13,8 +13,13 @@ if TYPE_CHECKING:
     from .network import HATNetwork
     from .options import ConversionOptions
 
+__all__ = ['build_parser', 'add_conversion_options', 'conversion_options', 'add_task_command',
+           'add_force', 'check_output', 'progress', 'load_checkpoint', 'run_convert',
+           'run_inspect', 'run_export', 'run_forget', 'main']
+
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``hatconvert`` argument parser: one subcommand per job."""
     parser = argparse.ArgumentParser(
         prog="hatconvert", description="Turn PyTorch models into HAT continual learners.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -62,7 +67,8 @@ def add_conversion_options(parser: argparse.ArgumentParser) -> None:
                         help=Options.help("num_classes"))
     for name, choices in Options.CHOICES.items():
         parser.add_argument(f"--{name.replace('_', '-')}", default=Options.default(name),
-                            choices=choices, help=f"{Options.help(name)} (default: {Options.default(name)})")
+                            choices=choices,
+                            help=f"{Options.help(name)} (default: {Options.default(name)})")
     for name in ("include", "exclude"):
         parser.add_argument(f"--{name}", nargs="+", default=None, metavar="PATTERN",
                             help=Options.help(name))
@@ -73,6 +79,7 @@ def add_conversion_options(parser: argparse.ArgumentParser) -> None:
 
 
 def conversion_options(args: argparse.Namespace) -> "ConversionOptions":
+    """The ``ConversionOptions`` the ``convert`` command's arguments ask for."""
     from .options import ConversionOptions
     classes = args.num_classes
     head = False if args.no_head else args.head[0] if args.head and len(args.head) == 1 \
@@ -127,6 +134,7 @@ def progress(total: int, desc: str):
 
 
 def load_checkpoint(path: str, bar) -> HATNetwork:
+    """``load(path)``, advancing the progress bar."""
     from .checkpoint import load
     bar.set_postfix_str(f"loading {os.path.basename(path)}")
     net = load(path)
@@ -135,6 +143,7 @@ def load_checkpoint(path: str, bar) -> HATNetwork:
 
 
 def run_convert(args: argparse.Namespace) -> int:
+    """``hatconvert convert``: convert a timm model, print the report, save if asked."""
     from .convert import convert_with_options
     check_output(args.output, "-o", args.force, [args.weights])
     options = conversion_options(args)
@@ -154,6 +163,7 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
+    """``hatconvert inspect``: tasks, usage per layer and task, capacity; a heatmap if asked."""
     from .checkpoint import describe
     from .usage import free_per_layer, overall_capacity, usage_heatmap, usage_table
     check_output(args.plot, "--plot", args.force, [args.checkpoint])
@@ -189,6 +199,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    """``hatconvert export``: one task as plain weights of the original model."""
     from .export import export
     check_output(args.output, "-o", args.force, [args.checkpoint])
     with progress(2, "export") as bar:
@@ -205,6 +216,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_forget(args: argparse.Namespace) -> int:
+    """``hatconvert forget``: release what only one task used and save the result elsewhere."""
     from .checkpoint import save
     check_output(args.output, "-o", args.force, [args.checkpoint])
     with progress(2, "forget") as bar:
@@ -220,6 +232,7 @@ def run_forget(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; user errors print one line and return 2."""
     args = build_parser().parse_args(argv)
     try:
         commands = {"convert": run_convert, "inspect": run_inspect, "export": run_export,

@@ -19,6 +19,10 @@ from .options import ConversionOptions
 from .rewrite import find_output_layer, output_layers, rewrite
 from .tracing import trace_model
 
+__all__ = ['WEIGHT_KWARGS', 'check_weights_file', 'create_timm_model', 'classifier_path',
+           'convert', 'convert_with_options', 'source_model', 'find_head', 'check_not_converted',
+           'nothing_gated', 'unused_tensors']
+
 
 
 # timm.create_model keywords that load weights rather than shape the architecture: not stored
@@ -106,7 +110,8 @@ def classifier_path(model: nn.Module, traced_default: str | None,
     return traced_default
 
 
-def convert(model: nn.Module | str, num_tasks: int, *, num_classes: int | Sequence[int] | None = None,
+def convert(model: nn.Module | str, num_tasks: int, *,
+            num_classes: int | Sequence[int] | None = None,
             mask_init: str = "normal", head: str | Sequence[str] | bool | None = None,
             loose: str = "task", include: str | Sequence[str] | None = None,
             exclude: str | Sequence[str] | None = None, leaves: str = "convert",

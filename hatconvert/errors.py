@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import re
 
+__all__ = ['HATError', 'ConversionError', 'OptionError', 'TaskError', 'CheckpointError',
+           'ExportError', 'one_line']
+
 
 class HATError(Exception):
     """Base class of every error hatconvert raises on purpose."""

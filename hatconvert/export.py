@@ -21,6 +21,9 @@ from .layers import gate_behind_norm, is_cond_conv
 from .network import HATNetwork
 from .layout import GATES, Layout
 
+__all__ = ['task_state', 'scale_units', 'fold_into_norm', 'gates_behind_norms', 'fold_masks',
+           'check_tied', 'export']
+
 
 def task_state(net: HATNetwork, t: int) -> dict[str, torch.Tensor]:
     """Task ``t``'s tensors under the original model's names (gates left out), as copies."""

@@ -8,11 +8,18 @@ CPU kernels downstream an order of magnitude slower, and no global flush setting
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import OptionError
 from .options import MASK_INITS, check_choice
+
+__all__ = ['GATE_FLOOR', 'init_embedding_', 'soft_gate', 'sparsity_penalty', 'hard_gate',
+           'HATGate', 'can_fold_into_weight', 'can_fold_into_norm', 'apply_gate', 'scale_rows',
+           'gated_layer', 'gated_batch_norm']
 
 
 # float32's machine epsilon: a gate this far below an open unit's 1.0 contributes nothing that
@@ -49,6 +56,29 @@ def soft_gate(embedding: torch.Tensor, mask_scale: float | torch.Tensor) -> torc
     return torch.where(a < GATE_FLOOR, a - a.detach(), a)
 
 
+def sparsity_penalty(gates: list["HATGate"], t: int, others: list[int],
+                     mask_scale: float | torch.Tensor, c: float = 0.75,
+                     mode: str = "original") -> torch.Tensor:
+    """``c`` times HAT's penalty on task ``t``'s soft gates: the mean gate over the units no
+    task in ``others`` uses (``cross`` also rewards reusing the units they use)."""
+    if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c < 0:
+        raise OptionError(f"the regularization strength c must be a finite number >= 0, "
+                          f"got {c!r}")
+    check_choice("regularization mode", mode, ("original", "cross"))
+    free_sum = free_count = used_sum = used_count = 0.0
+    for gate in gates:
+        a = soft_gate(gate.embedding[t], mask_scale)
+        used = gate.cumulative(others)
+        free_sum = free_sum + (a * (1 - used)).sum()
+        free_count += float((1 - used).sum())
+        used_sum = used_sum + (a * used).sum()
+        used_count += float(used.sum())
+    reg = free_sum / free_count if free_count else torch.zeros(())
+    if mode == "cross" and used_count:
+        reg = (reg + (1 - used_sum / used_count)) / 2
+    return c * reg
+
+
 def hard_gate(embedding: torch.Tensor) -> torch.Tensor:
     """``e > 0`` as a bool tensor: applied with ``torch.where``, not multiplied, so that a closed
     unit gives exactly 0 even where a later task's free weights hold NaN or inf (``0 * nan``
@@ -57,7 +87,7 @@ def hard_gate(embedding: torch.Tensor) -> torch.Tensor:
 
 
 class HATGate(nn.Module):
-    """Task embeddings ``(num_tasks, units)`` of one gated layer; ``forward`` gives the gate vector."""
+    """Task embeddings ``(num_tasks, units)`` of one gated layer; ``forward`` gives the gate."""
 
     def __init__(self, num_tasks: int, units: int, mask_init: str = "normal",
                  device: torch.device | None = None):
@@ -70,6 +100,7 @@ class HATGate(nn.Module):
 
     @property
     def units(self) -> int:
+        """Number of output units the gate covers."""
         return self.embedding.shape[1]
 
     def forward(self, task_id: int, mask_scale: float | torch.Tensor | None = None) -> torch.Tensor:
@@ -93,10 +124,12 @@ class HATGate(nn.Module):
 
 
 def can_fold_into_weight(layer: nn.Module) -> bool:
+    """Exact Linear/ConvNd: the gate can scale its weight rows instead of its output."""
     return type(layer) in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def can_fold_into_norm(norm: nn.Module) -> bool:
+    """Exact affine BatchNorm: the gate can scale its affine instead of its output."""
     return type(norm) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) and norm.affine
 
 

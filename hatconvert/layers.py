@@ -19,6 +19,13 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 
 from .gates import apply_gate, can_fold_into_norm, gated_batch_norm
 
+__all__ = ['GATABLE_TYPES', 'NORM_TYPES', 'EXTRA_NORM_CLASSES', 'ZERO_PRESERVING_NORM_NAMES',
+           'rows_are_units', 'gate_node', 'extra_norm_types', 'TRAIN_ONLY_CLASSES',
+           'train_only_types', 'cond_conv_types', 'is_cond_conv', 'is_gatable', 'is_norm',
+           'maps_zero_to_zero', 'uses_weight_as_is', 'normalizes_each_unit', 'norm_channel_dim',
+           'gate_behind_norm', 'has_hooks', 'output_units', 'unit_dim', 'own_tensors',
+           'TaskIndexed', 'TaskParameter']
+
 GATABLE_TYPES: tuple[type, ...] = (nn.Linear, _ConvNd)
 NORM_TYPES: tuple[type, ...] = (_BatchNorm, _InstanceNorm, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 
@@ -162,6 +169,18 @@ def has_hooks(module: nn.Module) -> bool:
                 or module._backward_pre_hooks)
 
 
+def rows_are_units(layer: nn.Module) -> bool:
+    """Row ``o`` of the weight belongs to output unit ``o``: Linear and ConvNd (subclasses
+    included), not transposed convs (``(in, out/g, ...)``) nor CondConv (one row per expert)."""
+    return isinstance(layer, (nn.Linear, _ConvNd)) and not getattr(layer, "transposed", False) \
+        and not is_cond_conv(layer)
+
+
+def gate_node(graph: "torch.fx.Graph", gate_path: str, task: Any, scale: Any) -> Any:
+    """A graph node that calls the gate at ``gate_path`` with the task id and mask scale."""
+    return graph.call_module(gate_path, (task, scale))
+
+
 def output_units(module: nn.Module) -> int:
     """Number of output units a gate of this layer has."""
     if isinstance(module, nn.Linear):
@@ -211,7 +230,7 @@ class TaskIndexed(nn.Module):
 
 
 class TaskParameter(nn.Module):
-    """One copy of a loose parameter (``pos_embed``, ``cls_token``, layer-scale ``gamma``) per task."""
+    """One copy per task of a loose parameter (``pos_embed``, ``cls_token``, ``gamma``)."""
 
     def __init__(self, param: torch.Tensor, num_tasks: int):
         super().__init__()
@@ -220,4 +239,5 @@ class TaskParameter(nn.Module):
              for _ in range(num_tasks)])
 
     def forward(self, task_id: int) -> torch.Tensor:
+        """Task ``task_id``'s copy of the parameter."""
         return self.copies[task_id]

@@ -29,11 +29,13 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.nn.modules.conv import _ConvTransposeNd
 
 from .errors import HATError
 from .gates import apply_gate, scale_rows
-from .layers import TaskIndexed, is_cond_conv, is_gatable, is_norm, unit_dim
+from .layers import TaskIndexed, gate_node, is_gatable, is_norm, rows_are_units, unit_dim
+
+__all__ = ['Scope', 'current_scope', 'ScopedLeaf', 'GatedInLeaf', 'twin', 'ScopedTaskIndexed',
+           'LeafPlan', 'plan_leaf', 'apply_plan', 'route_calls']
 
 
 @dataclass
@@ -49,6 +51,7 @@ _SCOPE: contextvars.ContextVar[Scope | None] = contextvars.ContextVar("hat_leaf_
 
 
 def current_scope(module: nn.Module) -> Scope:
+    """The task id and gates of the converted leaf now running, or an error naming ``module``."""
     scope = _SCOPE.get()
     if scope is None:
         raise HATError(f"{type(module).__name__} belongs to a converted leaf of a HAT network and "
@@ -61,16 +64,12 @@ class ScopedLeaf:
 
     def forward(self, *args: Any, hat_task_id: int, hat_gates: tuple[torch.Tensor, ...],
                 **kwargs: Any) -> Any:
+        """Run the leaf with the task id and its layers' gates in scope."""
         token = _SCOPE.set(Scope(hat_task_id, tuple(hat_gates)))
         try:
             return super().forward(*args, **kwargs)
         finally:
             _SCOPE.reset(token)
-
-
-def _rows_are_units(layer: nn.Module) -> bool:
-    """Row ``o`` of the weight belongs to output unit ``o`` (not transposed, not per expert)."""
-    return not isinstance(layer, _ConvTransposeNd) and not is_cond_conv(layer)
 
 
 class GatedInLeaf:
@@ -80,6 +79,7 @@ class GatedInLeaf:
     hat_unit_dim: int
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The layer's own forward, its output gated by the gate in scope."""
         scope = current_scope(self)
         self.__dict__["_hat_own_forward"] = True  # the layer's own reads of weight stay raw
         try:
@@ -96,7 +96,7 @@ class GatedInLeaf:
         scope = _SCOPE.get()
         if scope is None:
             return value
-        if not _rows_are_units(self):
+        if not rows_are_units(self):
             raise HATError(f"code inside a converted leaf reads the {name} of a "
                            f"{type(self).__name__} directly; its rows are not its output units, "
                            "so the gate cannot be folded in: convert with leaves='loose'")
@@ -132,6 +132,7 @@ class ScopedTaskIndexed(TaskIndexed):
     """
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The copy of the task in scope."""
         return super().forward(*args, task_id=current_scope(self).task_id, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
@@ -209,5 +210,5 @@ def route_calls(graph: fx.Graph, calls: list[fx.Node], task: fx.Node, scale: fx.
     """Pass the task id and the gates of the layers inside to each call of the leaf."""
     for node in calls:
         with graph.inserting_before(node):
-            gates = tuple(graph.call_module(g, (task, scale)) for g in gate_paths)
+            gates = tuple(gate_node(graph, g, task, scale) for g in gate_paths)
         node.kwargs = {**node.kwargs, "hat_task_id": task, "hat_gates": gates}

@@ -3,24 +3,27 @@
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import HATError, OptionError, TaskError
-from .gates import HATGate, init_embedding_, soft_gate
-from .options import MASK_INITS, ConversionOptions, check_choice, check_s_max
-from .propagation import input_masks
-from .protection import ADJUSTMENTS, Guard, arm_task, weight_protection
-from .steps import check_step, watch
-from .report import ConversionReport
+from .errors import HATError, TaskError
+from .gates import HATGate, sparsity_penalty
 from .layout import Layout
+from .lifecycle import TaskLifecycle
+from .options import ConversionOptions
+from .propagation import input_masks
+from .protection import Guard
+from .report import ConversionReport
+from .steps import watch
+from .usage import layer_capacity, mask_usage, overall_capacity
+
+__all__ = ['HATNetwork', 'check_mask_scale']
 
 
-class HATNetwork(nn.Module):
+class HATNetwork(TaskLifecycle, nn.Module):
     """A HAT network: ``net(x, task_id, mask_scale=None)``.
 
     ``mask_scale=None`` gives hard 0/1 gates (inference); a positive mask scale gives the soft
@@ -71,11 +74,13 @@ class HATNetwork(nn.Module):
         return {**self.options.to_config(), "source": self.source}
 
     def parameter_ids(self) -> set[int]:
+        """Ids of the network's parameters (the step hooks match optimizers with them)."""
         return {id(p) for p in self.parameters()}
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x: Any, task_id: int | torch.Tensor,
                 mask_scale: float | torch.Tensor | None = None, **inputs: Any) -> Any:
+        """Task ``task_id``'s output: soft gates with a mask scale, hard 0/1 gates without."""
         t = self.check_task_id(task_id)
         if mask_scale is not None:
             check_mask_scale(mask_scale)
@@ -118,113 +123,9 @@ class HATNetwork(nn.Module):
                             f"{self.num_tasks} tasks (0 to {self.num_tasks - 1})")
         return task_id
 
-    # -- the task lifecycle ----------------------------------------------------------------
-    def begin_task(self, task_id: int, *, mask_init: str | None = None, adjustment: str = "hat",
-                   alpha: float | None = None, s_max: float = 400.0, retrain: bool = False) -> None:
-        """Start training ``task_id``: initialise its embeddings and protect every trained task.
-
-        ``mask_init``: ``normal``, ``uniform``, ``U01``, ``U-10``, ``last`` (copy the previous
-        task's) or ``dense``; default: the conversion's. ``adjustment``: ``hat`` (default),
-        ``hat_random``, ``hat_const_alpha`` (needs ``alpha``) or ``hat_const_1`` (no
-        protection of gated weights). ``s_max`` is the one the mask-scale schedule uses.
-        """
-        t = self.check_task_id(task_id)
-        if self.active_task is not None:
-            raise TaskError(f"task {self.active_task} is still active: call end_task() "
-                            f"before begin_task({t})")
-        if bool(self.trained[t]) and not retrain:
-            raise TaskError(f"task {t} is already trained; begin_task({t}, retrain=True) trains "
-                            "it again and replaces what it learned")
-        mode = mask_init or self.options.mask_init
-        check_begin_options(mode, adjustment, alpha, s_max)
-        gates = self.gates()
-        self._task_start = {path: gate.embedding[t].detach().clone()
-                            for path, gate in gates.items()}
-        self._task_trained_on = False
-        try:
-            for gate in gates.values():
-                previous = gate.embedding[t - 1].detach() if t > 0 else None
-                init_embedding_(gate.embedding[t], mode, previous)
-            self.active_task = t
-            self._options = dict(adjustment=adjustment, alpha=alpha, s_max=float(s_max))
-            self._needs_arming = True
-            if self._example is not None:
-                self._arm_or_abort()
-        except BaseException:
-            self.abort_task()
-            raise
-
-    def abort_task(self) -> None:
-        """Abandon the active task: its embeddings go back to what they were before
-        ``begin_task`` and it is not marked trained. Trained tasks are untouched (the free
-        weights the task changed belong to no trained task)."""
-        self._disarm()
-        t, start = self.active_task, self._task_start
-        if t is not None and start is not None:
-            with torch.no_grad():
-                for path, gate in self.gates().items():
-                    gate.embedding[t].copy_(start[path])
-        self.active_task = None
-        self._options = {}
-        self._needs_arming = False
-        self._task_start = None
-
-    def _arm_or_abort(self) -> None:
-        """Arm protection for the active task; if that fails, the task is not begun."""
-        t = self.active_task
-        try:
-            self._arm()
-        except Exception as exc:
-            self.abort_task()
-            raise TaskError(f"could not protect the trained tasks {self.trained_tasks()} for "
-                            f"task {t}, so task {t} was not begun (the network is as before "
-                            f"begin_task({t})): {exc}") from exc
-
-    def before_step(self, optimizer: torch.optim.Optimizer, owns: bool) -> None:
-        """Called before every optimizer step (see ``steps.py``)."""
-        check_step(self, optimizer, owns)
-
-    def end_task(self) -> None:
-        """Store the active task's binary masks, mark it trained and lift its protection."""
-        if self.active_task is None:
-            raise TaskError("end_task() without begin_task(): no task is being trained")
-        t = self.active_task
-        if not self._task_trained_on:
-            warnings.warn(f"task {t} ran no training forward since begin_task({t}): its stored "
-                          "masks are its initial embeddings' signs (call abort_task() instead "
-                          "of end_task() to abandon a task)", RuntimeWarning, stacklevel=2)
-        with torch.no_grad():
-            for gate in self.gates().values():
-                gate.task_masks[t] = (gate.embedding[t] > 0).to(gate.task_masks.dtype)
-            self.trained[t] = True
-        self._disarm()
-        self.active_task = None
-        self._task_start = None
-        self.train(self.training)  # frozen leaves go to eval mode once a task is trained
-
     def trained_tasks(self, excluding: int | None = None) -> list[int]:
+        """The trained task ids in order, without ``excluding``."""
         return [t for t in range(self.num_tasks) if bool(self.trained[t]) and t != excluding]
-
-    def forget(self, task_id: int) -> float:
-        """Release the units only task ``task_id`` used and return the capacity gained.
-
-        Its stored masks are zeroed and it is marked untrained, so later tasks may train what
-        it alone held. Nothing another trained task reads changes: their outputs stay bit-exact.
-        """
-        t = self.check_task_id(task_id)
-        if self.active_task is not None:
-            raise TaskError(f"task {self.active_task} is being trained: call end_task() "
-                            f"before forget({t})")
-        if not bool(self.trained[t]):
-            raise TaskError(f"task {t} is not trained, so there is nothing to forget "
-                            f"(trained tasks: {self.trained_tasks()})")
-        before = self.capacity()  # raises before anything changes if no input was seen yet
-        with torch.no_grad():
-            for gate in self.gates().values():
-                gate.task_masks[t].zero_()
-            self.trained[t] = False
-        self.train(self.training)  # frozen leaves thaw once no task is trained
-        return self.capacity() - before
 
     def example_spec(self) -> tuple[tuple[int, ...], torch.dtype] | None:
         """Shape and dtype of the example input that propagation uses; None before a forward."""
@@ -252,17 +153,6 @@ class HATNetwork(nn.Module):
         device = param.device if param is not None else None
         self._example = torch.zeros(tuple(int(n) for n in shape), dtype=dtype, device=device)
 
-    def _arm(self) -> None:
-        """Install gradient hooks and the step guard for the active task."""
-        self._disarm()
-        self._guard = arm_task(self)
-        self._needs_arming = False
-
-    def _disarm(self) -> None:
-        if self._guard is not None:
-            self._guard.disarm()
-            self._guard = None
-
     def input_masks(self, out_masks: dict[str, torch.Tensor], task_id: int
                     ) -> dict[str, torch.Tensor]:
         """Per gated layer, which input features use units in ``out_masks`` (propagation)."""
@@ -276,7 +166,7 @@ class HATNetwork(nn.Module):
                 masks[path] = torch.ones(getattr(layer, "in_features", None) or layer.in_channels)
         return masks
 
-    # -- regularization, capacity, usage ---------------------------------------------------
+    # -- regularization, capacity, usage (the work lives in gates.py and usage.py) ------------
     def regularization(self, task_id: int, mask_scale: float, c: float = 0.75,
                        mode: str = "original") -> torch.Tensor:
         """``c`` times HAT's sparsity penalty on task ``task_id``'s soft gates at ``mask_scale``.
@@ -286,45 +176,14 @@ class HATNetwork(nn.Module):
         """
         t = self.check_task_id(task_id)
         check_mask_scale(mask_scale)
-        if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) \
-                or c < 0:
-            raise ValueError(f"the regularization strength c must be a finite number >= 0, "
-                             f"got {c!r}")
-        if mode not in ("original", "cross"):
-            raise ValueError(f"unknown regularization mode {mode!r}; choose original or cross")
         others = self.trained_tasks(excluding=t)
-        free_sum = free_count = used_sum = used_count = 0.0
-        for gate in self.gates().values():
-            a = soft_gate(gate.embedding[t], mask_scale)
-            used = gate.cumulative(others)
-            free_sum = free_sum + (a * (1 - used)).sum()
-            free_count += float((1 - used).sum())
-            used_sum = used_sum + (a * used).sum()
-            used_count += float(used.sum())
-        reg = free_sum / free_count if free_count else torch.zeros(())
-        if mode == "cross" and used_count:
-            reg = (reg + (1 - used_sum / used_count)) / 2
-        return c * reg
+        return sparsity_penalty(list(self.gates().values()), t, others, mask_scale, c, mode)
 
     def layer_capacity(self, tasks: list[int] | None = None) -> dict[str, float]:
-        """Per gated layer, the fraction of weights and biases still free to train.
-
-        Free means the adjustment rate ``1 - min(M_out, M_in)`` of ``tasks`` (default: all
-        trained tasks) is 1.
-        """
+        """Per gated layer, the fraction of weights and biases still free to train: where the
+        adjustment rate ``1 - min(M_out, M_in)`` of ``tasks`` (default: all trained) is 1."""
         tasks = self.trained_tasks() if tasks is None else self._check_tasks(tasks)
-        sizes = self._gated_sizes()
-        if not tasks:
-            return {path: 1.0 for path in sizes}
-        out = {path: gate.cumulative(tasks) for path, gate in self.gates().items()}
-        inputs = self.input_masks(out, tasks[-1])
-        result = {}
-        for path in self.layout.gated:
-            layer = self.model.get_submodule(path)
-            protect_w, protect_b = weight_protection(layer, out[path], inputs[path])
-            used = protect_w.sum() + (protect_b.sum() if layer.bias is not None else 0)
-            result[path] = 1.0 - float(used) / sizes[path]
-        return result
+        return layer_capacity(self, tasks)
 
     def _check_tasks(self, tasks: Any) -> list[int]:
         if isinstance(tasks, (str, bytes)) or not hasattr(tasks, "__iter__"):
@@ -333,25 +192,15 @@ class HATNetwork(nn.Module):
 
     def capacity(self, tasks: list[int] | None = None) -> float:
         """Fraction of all gated weights and biases still free: 1.0 before task 0."""
-        per_layer = self.layer_capacity(tasks)
-        sizes = self._gated_sizes()
-        return sum(per_layer[p] * sizes[p] for p in sizes) / sum(sizes.values())
-
-    def _gated_sizes(self) -> dict[str, int]:
-        """Number of weight and bias entries of each gated layer."""
-        sizes = {}
-        for path in self.layout.gated:
-            layer = self.model.get_submodule(path)
-            sizes[path] = layer.weight.numel() + (0 if layer.bias is None else layer.bias.numel())
-        return sizes
+        return overall_capacity(self, self.layer_capacity(tasks))
 
     def mask_usage(self) -> dict[str, list[float | None]]:
         """Per gated layer and task, the fraction of units the task's stored mask uses."""
-        return {path: [float(gate.task_masks[t].mean()) if bool(self.trained[t]) else None
-                       for t in range(self.num_tasks)] for path, gate in self.gates().items()}
+        return mask_usage(self)
 
     # -- modules and report ----------------------------------------------------------------
     def train(self, mode: bool = True) -> "HATNetwork":
+        """Set the mode; leaves frozen after task 0 stay in eval mode (their statistics too)."""
         super().train(mode)
         if mode and bool(self.trained.any()):
             for path in self.layout.frozen_leaves:  # frozen once task 0 ended, statistics too
@@ -373,23 +222,15 @@ class HATNetwork(nn.Module):
 
     def extra_repr(self) -> str:
         trained = self.trained_tasks()
-        return f"num_tasks={self.num_tasks}, gated_layers={len(self.layout.gated)}, trained={trained}"
+        return (f"num_tasks={self.num_tasks}, gated_layers={len(self.layout.gated)}, "
+                f"trained={trained}")
 
 
 def check_mask_scale(mask_scale: Any) -> None:
+    """Refuse a mask scale that is not a positive finite number (``None`` means hard gates)."""
     value = mask_scale.item() if isinstance(mask_scale, torch.Tensor) and mask_scale.numel() == 1 \
         else mask_scale
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or value <= 0:
         raise ValueError(f"mask_scale must be a positive finite number or None (hard gates), "
                          f"got {mask_scale!r}")
-
-
-def check_begin_options(mode: str, adjustment: str, alpha: Any, s_max: Any) -> None:
-    """``begin_task``'s options, checked before anything changes."""
-    check_choice("mask_init", mode, MASK_INITS)
-    check_choice("adjustment", adjustment, ADJUSTMENTS)
-    if adjustment == "hat_const_alpha" and not (isinstance(alpha, (int, float))
-                                                 and 0 <= alpha <= 1):
-        raise OptionError(f"adjustment 'hat_const_alpha' needs alpha in [0, 1], got {alpha!r}")
-    check_s_max(s_max)

@@ -29,6 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+__all__ = ['ELEMENTWISE_FUNCTIONS', 'ELEMENTWISE_METHODS', 'CAST_METHODS', 'ELEMENTWISE_MODULES',
+           'STRUCTURAL_MODULES', 'STRUCTURAL_FUNCTIONS', 'STRUCTURAL_METHODS', 'SHAPE_ONLY_OTHERS',
+           'ALL_DATA', 'SIGNED_INTERPOLATION', 'IN_PLACE_FUNCTIONS', 'IN_PLACE_METHODS', 'SUMS',
+           'PRODUCTS', 'QUOTIENTS', 'WHERE', 'MASKED_FILL', 'writes_first_argument',
+           'is_elementwise', 'is_structural', 'signed_interpolation', 'value_at_zero']
+
 ELEMENTWISE_FUNCTIONS: set[Callable] = {
     F.relu, F.relu6, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid, F.leaky_relu, F.elu,
     F.selu, F.celu, F.hardtanh, F.threshold, F.softplus, F.softsign, F.logsigmoid, F.sigmoid,
@@ -93,6 +99,11 @@ ALL_DATA = {torch.matmul, torch.bmm, torch.einsum, operator.matmul, "matmul", "b
 # Interpolation with negative weights (bicubic, antialiasing) could cancel on a mask.
 SIGNED_INTERPOLATION = ("bicubic",)
 
+# Ops that write their first argument (besides methods named ``x_`` and ``inplace=True``).
+IN_PLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                      operator.setitem}
+IN_PLACE_METHODS = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__"}
+
 SUMS = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub,
         "add", "add_", "sub", "sub_", "__add__", "__radd__", "__sub__", "__rsub__"}
 PRODUCTS = {operator.mul, operator.imul, torch.mul, "mul", "mul_", "__mul__", "__rmul__"}
@@ -102,11 +113,24 @@ WHERE = {torch.where}
 MASKED_FILL = {torch.masked_fill, "masked_fill", "masked_fill_"}
 
 
+def writes_first_argument(op: str, target: Any, kwargs: dict, module: Any = None) -> bool:
+    """Whether a graph node changes its first argument in place (``x.add_(1)``, ``x += y``,
+    ``x[i] = v``, ``relu(x, inplace=True)``, ``nn.ReLU(inplace=True)``)."""
+    if op == "call_method":
+        return target in IN_PLACE_METHODS or (target.endswith("_") and not target.endswith("__"))
+    if op == "call_function":
+        return target in IN_PLACE_FUNCTIONS or kwargs.get("inplace") is True or \
+            getattr(target, "__name__", "").endswith("_")
+    return op == "call_module" and getattr(module, "inplace", False) is True
+
+
 def is_elementwise(target: Any) -> bool:
+    """Whether ``target`` (a function or method name) is listed as element-wise."""
     return target in ELEMENTWISE_FUNCTIONS or target in ELEMENTWISE_METHODS
 
 
 def is_structural(target: Any) -> bool:
+    """Whether ``target`` moves, selects, pools or sums entries with non-negative weights."""
     return target in STRUCTURAL_FUNCTIONS or target in STRUCTURAL_METHODS
 
 

@@ -94,6 +94,7 @@ class ConversionOptions:
 
     @classmethod
     def help(cls, name: str) -> str:
+        """A field's help text (the command line shows it)."""
         return next(f.metadata["help"] for f in fields(cls) if f.name == name)
 
     def to_config(self) -> dict[str, Any]:

@@ -13,6 +13,7 @@ break earlier tasks.
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -23,10 +24,13 @@ from torch import nn
 from .gates import HATGate, apply_gate, gated_layer
 from .layers import (TaskIndexed, gate_behind_norm, maps_zero_to_zero, norm_channel_dim,
                      train_only_types)
+from .layout import Layout
 from .op_rules import (ALL_DATA, CAST_METHODS, ELEMENTWISE_MODULES, MASKED_FILL, PRODUCTS,
                        QUOTIENTS, SHAPE_ONLY_OTHERS, STRUCTURAL_MODULES, SUMS, WHERE,
-                       is_elementwise, is_structural, signed_interpolation, value_at_zero)
-from .layout import Layout
+                       is_elementwise, is_structural, signed_interpolation, value_at_zero,
+                       writes_first_argument)
+
+__all__ = ['MaskPropagator', 'input_masks']
 
 def _has_tensor(value: Any) -> bool:
     if isinstance(value, torch.Tensor):
@@ -116,6 +120,7 @@ class MaskPropagator(fx.Interpreter):
 
     # -- the rules -------------------------------------------------------------------------
     def run_node(self, n: fx.Node) -> Any:
+        """Run the node for real, then give its result a mask by the op's rule."""
         result = super().run_node(n)
         if n.op == "placeholder" and isinstance(self.placeholder_masks.get(n.target),
                                                 torch.Tensor):
@@ -128,7 +133,42 @@ class MaskPropagator(fx.Interpreter):
             self.masks[n] = self._rule(n, result)
         except Exception:  # an op the masks cannot go through: fully used
             self.masks[n] = _ones_like(result)
+        module = self.module.get_submodule(n.target) if n.op == "call_module" else None
+        if n.args and isinstance(n.args[0], fx.Node) and writes_first_argument(
+                n.op, n.target, n.kwargs, module):
+            self._after_write(n, n.args[0])
         return result
+
+    def _after_write(self, n: fx.Node, written: fx.Node) -> None:
+        """An op wrote ``written`` in place: every node that reads that memory gets the new
+        mask (the node itself exactly, views of it conservatively: fully used)."""
+        tensor = self.env.get(written)
+        if not isinstance(tensor, torch.Tensor):
+            return
+        if n.target in (operator.setitem, "__setitem__"):
+            new = self._setitem_mask(n, written, tensor)
+        else:
+            new = self.masks.get(n)
+        storage = tensor.untyped_storage().data_ptr()
+        for node, value in self.env.items():
+            if node is n or not isinstance(value, torch.Tensor) or \
+                    value.untyped_storage().data_ptr() != storage:
+                continue
+            same = isinstance(new, torch.Tensor) and value.shape == new.shape and \
+                value.stride() == tensor.stride() and \
+                value.storage_offset() == tensor.storage_offset()
+            self.masks[node] = new.clone() if same else _ones_like(value)
+
+    def _setitem_mask(self, n: fx.Node, written: fx.Node, tensor: torch.Tensor) -> Any:
+        """``x[index] = value``: the mask of ``x`` with the value's mask (or used) there."""
+        index, value = n.args[1], n.args[2]
+        if self._is_tensor(index):
+            return _ones_like(tensor)
+        mask = self._tensor_mask(written).clone()
+        value_mask = self._tensor_mask(value)
+        mask[self._real(index)] = value_mask if isinstance(value_mask, torch.Tensor) \
+            else float(value_mask)
+        return mask
 
     def _rule(self, n: fx.Node, result: Any) -> Any:
         if not _has_tensor(result):

@@ -28,6 +28,10 @@ if TYPE_CHECKING:
     from .gates import HATGate
     from .network import HATNetwork
 
+__all__ = ['ADJUSTMENTS', 'EMBEDDING_CLAMP', 'COMPENSATION_CLAMP', 'weight_protection',
+           'adjustment_rate', 'compensate', 'Held', 'hold', 'Guard', 'arm_task', 'shared_weights',
+           'protect_gated', 'held_whole', 'rate_hook', 'compensation_hook', 'clamp_embeddings']
+
 ADJUSTMENTS = ("hat", "hat_random", "hat_const_alpha", "hat_const_1")
 EMBEDDING_CLAMP = 6.0
 COMPENSATION_CLAMP = 50.0
@@ -103,6 +107,7 @@ class Held:
     where: torch.Tensor | None = None
 
     def restore(self) -> None:
+        """Put the held entries back."""
         data = self.tensor.data if isinstance(self.tensor, nn.Parameter) else self.tensor
         if self.where is None:
             data.copy_(self.reference)
@@ -111,6 +116,7 @@ class Held:
 
 
 def hold(tensor: torch.Tensor, where: torch.Tensor | None = None) -> Held | None:
+    """Keep ``tensor`` (where ``where`` is True) at its present value; None if nothing is held."""
     if where is not None:
         if not bool(where.any()):
             return None
@@ -137,10 +143,12 @@ class Guard:
         self._after_step = after_step
 
     def owns(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether ``optimizer`` steps any parameter of this guard's network."""
         return any(id(p) in self.param_ids for group in optimizer.param_groups
                    for p in group["params"])
 
     def after_step(self) -> None:
+        """After an optimizer step: restore held entries, zero non-finite shared ones, clamp."""
         with torch.no_grad():
             for item in self.held:
                 item.restore()
@@ -164,11 +172,13 @@ class Guard:
                       "learning rate, or clip gradients)", RuntimeWarning, stacklevel=3)
 
     def arm(self) -> None:
+        """Make every optimizer step restore this guard's entries."""
         from .steps import ensure_step_hooks
         ensure_step_hooks()
         _armed.add(self)
 
     def disarm(self) -> None:
+        """Remove the hooks and release the held copies."""
         _armed.discard(self)
         for handle in self.handles:
             handle.remove()
@@ -288,6 +298,7 @@ def compensation_hook(net: "HATNetwork", embedding: torch.Tensor
 
 
 def clamp_embeddings(gates: dict[str, "HATGate"], t: int) -> None:
+    """Clamp task ``t``'s embeddings to ``[-6, 6]`` after a step (HAT's rule)."""
     for gate in gates.values():
         gate.embedding.data[t].clamp_(-EMBEDDING_CLAMP, EMBEDDING_CLAMP)
 

@@ -8,6 +8,8 @@ from torch import nn
 
 from .layout import GATES, GatePlacement, Layout
 
+__all__ = ['CATEGORIES', 'ConversionReport', 'classify_tensors']
+
 CATEGORIES = ("gated", "gate", "task-indexed", "frozen", "constant")
 
 
@@ -23,9 +25,11 @@ class ConversionReport:
 
     @property
     def overhead_percent(self) -> float:
+        """Parameters added by the conversion, in percent of the original's."""
         return 100.0 * (self.converted_params - self.original_params) / max(self.original_params, 1)
 
     def count(self, category: str) -> int:
+        """Number of tensors in ``category``."""
         return sum(1 for c in self.tensors.values() if c == category)
 
     def __str__(self) -> str:

@@ -9,21 +9,29 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import operator
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
+from torch.nn.modules.conv import _ConvNd
 
 from .errors import ConversionError
 from .gates import (HATGate, apply_gate, can_fold_into_norm, can_fold_into_weight, gated_layer,
                     scale_rows)
-from .layers import (TaskIndexed, TaskParameter, has_hooks, is_cond_conv, is_gatable, is_norm,
-                     normalizes_each_unit, output_units, unit_dim)
+from .layers import (TaskIndexed, TaskParameter, gate_node, has_hooks, is_gatable, is_norm,
+                     normalizes_each_unit, output_units, rows_are_units, unit_dim)
 from .layout import GATES, PARAMS, GatedLayer, GatePlacement, Layout
 from .leaves import apply_plan, plan_leaf, route_calls
+from .op_rules import IN_PLACE_FUNCTIONS, IN_PLACE_METHODS
+
+__all__ = ['add_task_inputs', 'calls_by_target', 'modules_read_directly', 'functional_layers',
+           'rows_read_directly', 'mutated_buffers', 'output_layers', 'find_output_layer',
+           'selected', 'unique_name', 'has_state', 'resized_head', 'task_index_calls',
+           'following_norm', 'gate_output', 'gate_call', 'Pass', 'rewrite', 'sort_calls',
+           'index_heads', 'gate_called_layer', 'extra_parameters', 'add_gate', 'gate_functional',
+           'gate_rows', 'convert_leaf', 'task_index_or_freeze_leaf', 'index_loose_attributes']
 
 def add_task_inputs(graph: fx.Graph) -> tuple[fx.Node, fx.Node]:
     """Add ``task_id`` and ``mask_scale`` placeholders after the model's own inputs."""
@@ -41,6 +49,7 @@ def add_task_inputs(graph: fx.Graph) -> tuple[fx.Node, fx.Node]:
 
 
 def calls_by_target(graph: fx.Graph) -> dict[str, list[fx.Node]]:
+    """The ``call_module`` nodes of ``graph``, by module path."""
     calls: dict[str, list[fx.Node]] = {}
     for node in graph.nodes:
         if node.op == "call_module":
@@ -49,7 +58,7 @@ def calls_by_target(graph: fx.Graph) -> dict[str, list[fx.Node]]:
 
 
 def modules_read_directly(graph: fx.Graph) -> set[str]:
-    """Module paths whose parameters the graph reads with get_attr (e.g. ``F.linear(x, m.weight)``)."""
+    """Module paths whose tensors the graph reads with get_attr (``F.linear(x, m.weight)``)."""
     owners = set()
     for node in graph.nodes:
         if node.op == "get_attr" and "." in node.target:
@@ -107,17 +116,12 @@ def rows_read_directly(gm: fx.GraphModule, calls: dict[str, list[fx.Node]],
     found = {}
     for owner, nodes in reads.items():
         module = gm.get_submodule(owner)
-        rows_are_units = isinstance(module, (nn.Linear, _ConvNd)) and not isinstance(
-            module, _ConvTransposeNd) and not is_cond_conv(module)
         names = {n.target.rpartition(".")[2] for n in nodes}
-        if rows_are_units and names <= {"weight", "bias"}:
+        if rows_are_units(module) and names <= {"weight", "bias"}:
             found[owner] = nodes
     return found
 
 
-IN_PLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv,
-                      operator.setitem}
-IN_PLACE_METHODS = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__"}
 
 
 def mutated_buffers(graph: fx.Graph) -> set[str]:
@@ -158,12 +162,14 @@ def find_output_layer(gm: fx.GraphModule) -> str | None:
 
 
 def selected(path: str, include: list[str] | None, exclude: list[str] | None) -> bool:
+    """Whether ``path`` passes the ``include``/``exclude`` patterns."""
     if include and not any(fnmatch.fnmatchcase(path, p) for p in include):
         return False
     return not (exclude and any(fnmatch.fnmatchcase(path, p) for p in exclude))
 
 
 def unique_name(prefix_module: nn.Module, path: str) -> str:
+    """A child name for ``path`` that ``prefix_module`` does not hold yet."""
     base = path.replace(".", "_") or "root"
     name, k = base, 1
     while hasattr(prefix_module, name):
@@ -173,6 +179,7 @@ def unique_name(prefix_module: nn.Module, path: str) -> str:
 
 
 def has_state(module: nn.Module) -> bool:
+    """Whether ``module`` holds any parameter or buffer."""
     return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
 
 
@@ -211,7 +218,8 @@ def task_index_calls(gm: fx.GraphModule, target: str, module: nn.Module, task: f
         node.kwargs = {**node.kwargs, "task_id": task}
 
 
-def following_norm(node: fx.Node, norms: set[str], calls: dict[str, list[fx.Node]]) -> fx.Node | None:
+def following_norm(node: fx.Node, norms: set[str], calls: dict[str, list[fx.Node]]
+                   ) -> fx.Node | None:
     """The per-unit norm call that alone consumes this layer call's output, if there is one.
 
     The gate then goes behind the norm: a norm turns a zeroed channel back into a constant, and
@@ -237,11 +245,12 @@ def gate_output(graph: fx.Graph, site: fx.Node, gate: fx.Node, dim: int) -> None
 
 
 def gate_call(gm: fx.GraphModule, node: fx.Node, gate_path: str, dim: int, norms: set[str],
-              calls: dict[str, list[fx.Node]], task: fx.Node, scale: fx.Node) -> tuple[GatePlacement, str | None]:
+              calls: dict[str, list[fx.Node]], task: fx.Node, scale: fx.Node
+              ) -> tuple[GatePlacement, str | None]:
     """Gate one call of a layer; return how (a ``GatePlacement``) and behind which norm."""
     graph = gm.graph
     with graph.inserting_before(node):
-        gate = graph.call_module(gate_path, (task, scale))
+        gate = gate_node(graph, gate_path, task, scale)
     norm = following_norm(node, norms, calls)
     if norm is not None:  # the task-indexed norm applies the gate (layers.TaskIndexed)
         norm.kwargs = {**norm.kwargs, "gate": gate, "gate_dim": dim}
@@ -261,6 +270,27 @@ def gate_call(gm: fx.GraphModule, node: fx.Node, gate_path: str, dim: int, norms
     return GatePlacement.OUTPUT, None
 
 
+@dataclass
+class Pass:
+    """What every step of one rewrite shares: the graph, the options, the task inputs."""
+
+    gm: fx.GraphModule
+    num_tasks: int
+    mask_init: str
+    loose: str
+    include: list[str] | None
+    exclude: list[str] | None
+    leaves: str
+    task: fx.Node
+    scale: fx.Node
+    layout: Layout
+    calls: dict[str, list[fx.Node]]
+
+    def selected(self, path: str) -> bool:
+        """Whether ``path`` passes the ``include``/``exclude`` patterns."""
+        return selected(path, self.include, self.exclude)
+
+
 def rewrite(gm: fx.GraphModule, num_tasks: int, *, head: str | list[str] | None,
             head_classes: list[int] | None, mask_init: str, loose: str,
             include: list[str] | None, exclude: list[str] | None,
@@ -271,75 +301,90 @@ def rewrite(gm: fx.GraphModule, num_tasks: int, *, head: str | list[str] | None,
     ``leaves``: ``convert`` gates the layers inside leaf modules (see leaves.py); ``loose``
     treats every leaf with weights by the ``loose`` policy.
     """
-    layout = Layout()
-    graph = gm.graph
-    task, scale = add_task_inputs(graph)
-    calls = calls_by_target(graph)
-    read_directly = modules_read_directly(graph)
+    task, scale = add_task_inputs(gm.graph)
+    p = Pass(gm, num_tasks, mask_init, loose, include, exclude, leaves, task, scale, Layout(),
+             calls_by_target(gm.graph))
     heads = [] if head is None else [head] if isinstance(head, str) else list(head)
     for path in heads:
-        if path not in calls:
+        if path not in p.calls:
             raise ConversionError(f"head '{path}' is not called by the traced model; "
                                   f"name a module the forward pass calls")
-    functional = {path: nodes for path, nodes in functional_layers(gm, calls).items()
-                  if path not in heads and selected(path, include, exclude)}
+    functional = {path: nodes for path, nodes in functional_layers(gm, p.calls).items()
+                  if path not in heads and p.selected(path)}
     row_reads = {path: nodes for path, nodes in
-                 rows_read_directly(gm, calls, set(functional) | set(heads)).items()
-                 if selected(path, include, exclude)}
-    gates_root = nn.Module()
-    gm.add_module(GATES, gates_root)
-
-    gated_targets, norm_targets = [], []
-    for target in calls:
-        module = gm.get_submodule(target)
-        if target in heads or not has_state(module):
-            continue
-        if target in read_directly:
-            task_index_or_freeze_leaf(gm, target, module, num_tasks, loose, task, layout)
-        elif is_gatable(module) and selected(target, include, exclude):
-            gated_targets.append(target)
-        elif is_norm(module):
-            norm_targets.append(target)
-        elif not (leaves == "convert" and convert_leaf(gm, target, calls[target], num_tasks,
-                                                       mask_init, include, exclude, loose, task,
-                                                       scale, layout)):
-            task_index_or_freeze_leaf(gm, target, module, num_tasks, loose, task, layout)
-
-    for path in heads:
-        original = gm.get_submodule(path)
-        copies = None
-        if head_classes is not None:
-            copies = [resized_head(original, c, path) for c in head_classes]
-        task_index_calls(gm, path, TaskIndexed(original, num_tasks, copies), task)
-        layout.heads.append(path)
-
+                 rows_read_directly(gm, p.calls, set(functional) | set(heads)).items()
+                 if p.selected(path)}
+    gm.add_module(GATES, nn.Module())
+    gated_targets, norm_targets = sort_calls(p, heads)
+    index_heads(p, heads, head_classes)
     # Loose parameters first: the gating below adds get_attr nodes of its own.
     skip = {f"{path}.{name}" for path in [*functional, *row_reads]
             for name in ("weight", "bias")}
-    index_loose_attributes(gm, num_tasks, loose, task, layout, skip, mutated_buffers(graph))
-    norm_set = set(norm_targets)
+    skip |= {node.target for node in gm.graph.find_nodes(op="get_attr")
+             if node.target.rpartition(".")[0] in p.layout.frozen_leaves}
+    index_loose_attributes(gm, num_tasks, loose, task, p.layout, skip, mutated_buffers(gm.graph))
     for target in gated_targets:
-        module = gm.get_submodule(target)
-        gate_path = add_gate(gates_root, target, module, num_tasks, mask_init)
-        dim = unit_dim(module)
-        for node in calls[target]:
-            mode, norm = gate_call(gm, node, gate_path, dim, norm_set, calls, task, scale)
-        layout.gated[target] = GatedLayer(target, gate_path, output_units(module), dim, norm, mode)
-        layout.frozen_in_gated += [f"{target}.{n}" for n, _ in module.named_parameters()
-                                   if n not in ("weight", "bias")]
+        gate_called_layer(p, target, set(norm_targets))
     for target, nodes in functional.items():
-        gate_functional(gm, target, nodes, num_tasks, mask_init, task, scale, layout)
+        gate_functional(gm, target, nodes, num_tasks, mask_init, task, scale, p.layout)
     for target, nodes in row_reads.items():
-        gate_rows(gm, target, nodes, num_tasks, mask_init, task, scale, layout)
-
+        gate_rows(gm, target, nodes, num_tasks, mask_init, task, scale, p.layout)
     for target in norm_targets:
         task_index_calls(gm, target, TaskIndexed(gm.get_submodule(target), num_tasks), task)
-        layout.norms.append(target)
-
-    graph.lint()
+        p.layout.norms.append(target)
+    gm.graph.lint()
     gm.recompile()
     gm.delete_all_unused_submodules()
-    return layout
+    return p.layout
+
+
+def sort_calls(p: Pass, heads: list[str]) -> tuple[list[str], list[str]]:
+    """Layers to gate and norms to task-index; leaves are converted or indexed on the way."""
+    gated, norms = [], []
+    read_directly = modules_read_directly(p.gm.graph)
+    for target in p.calls:
+        module = p.gm.get_submodule(target)
+        if target in heads or not has_state(module):
+            continue
+        if target in read_directly:  # called, and its tensors read too: one frozen copy
+            p.layout.frozen_leaves.append(target)
+        elif is_gatable(module) and p.selected(target):
+            gated.append(target)
+        elif is_norm(module):
+            norms.append(target)
+        elif not (p.leaves == "convert" and convert_leaf(
+                p.gm, target, p.calls[target], p.num_tasks, p.mask_init, p.include, p.exclude,
+                p.loose, p.task, p.scale, p.layout)):
+            task_index_or_freeze_leaf(p.gm, target, module, p.num_tasks, p.loose, p.task,
+                                      p.layout)
+    return gated, norms
+
+
+def index_heads(p: Pass, heads: list[str], head_classes: list[int] | None) -> None:
+    """One copy of each head per task, resized to each task's class count."""
+    for path in heads:
+        original = p.gm.get_submodule(path)
+        copies = None
+        if head_classes is not None:
+            copies = [resized_head(original, c, path) for c in head_classes]
+        task_index_calls(p.gm, path, TaskIndexed(original, p.num_tasks, copies), p.task)
+        p.layout.heads.append(path)
+
+
+def gate_called_layer(p: Pass, target: str, norms: set[str]) -> None:
+    """Gate every call of the layer ``target`` and record how."""
+    module = p.gm.get_submodule(target)
+    gate_path = add_gate(p.gm.get_submodule(GATES), target, module, p.num_tasks, p.mask_init)
+    dim = unit_dim(module)
+    for node in p.calls[target]:
+        mode, norm = gate_call(p.gm, node, gate_path, dim, norms, p.calls, p.task, p.scale)
+    p.layout.gated[target] = GatedLayer(target, gate_path, output_units(module), dim, norm, mode)
+    p.layout.frozen_in_gated += extra_parameters(module, target)
+
+
+def extra_parameters(module: nn.Module, path: str) -> list[str]:
+    """Parameters of a gated layer besides its weight and bias: frozen after task 0."""
+    return [f"{path}.{n}" for n, _ in module.named_parameters() if n not in ("weight", "bias")]
 
 
 def add_gate(gates_root: nn.Module, target: str, layer: nn.Module, num_tasks: int,
@@ -361,12 +406,11 @@ def gate_functional(gm: fx.GraphModule, target: str, nodes: list[fx.Node], num_t
         bias = _arg(node, 2, "bias")
         external |= bias is not None and getattr(bias, "target", None) != f"{target}.bias"
         with gm.graph.inserting_before(node):
-            gate = gm.graph.call_module(gate_path, (task, scale))
+            gate = gate_node(gm.graph, gate_path, task, scale)
         gate_output(gm.graph, node, gate, -1)
     layout.gated[target] = GatedLayer(target, gate_path, output_units(module), -1, None,
                                       GatePlacement.FUNCTION, external_bias=external)
-    layout.frozen_in_gated += [f"{target}.{n}" for n, _ in module.named_parameters()
-                               if n not in ("weight", "bias")]
+    layout.frozen_in_gated += extra_parameters(module, target)
 
 
 def gate_rows(gm: fx.GraphModule, target: str, reads: list[fx.Node], num_tasks: int,
@@ -377,14 +421,13 @@ def gate_rows(gm: fx.GraphModule, target: str, reads: list[fx.Node], num_tasks: 
     graph = gm.graph
     for node in reads:
         with graph.inserting_after(node):
-            gate = graph.call_module(gate_path, (task, scale))
+            gate = gate_node(graph, gate_path, task, scale)
         with graph.inserting_after(gate):
             folded = graph.call_function(scale_rows, (node, gate))
         node.replace_all_uses_with(folded, delete_user_cb=lambda user: user is not folded)
     layout.gated[target] = GatedLayer(target, gate_path, output_units(module), unit_dim(module),
                                       None, GatePlacement.ROWS)
-    layout.frozen_in_gated += [f"{target}.{n}" for n, _ in module.named_parameters()
-                               if n not in ("weight", "bias")]
+    layout.frozen_in_gated += extra_parameters(module, target)
 
 
 def convert_leaf(gm: fx.GraphModule, target: str, nodes: list[fx.Node], num_tasks: int,

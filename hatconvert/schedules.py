@@ -6,6 +6,8 @@ import math
 
 from .options import check_choice, check_s_max
 
+__all__ = ['SCHEDULES', 'mask_scale']
+
 SCHEDULES = ("linear", "cosine", "constant")
 
 

@@ -22,6 +22,8 @@ from .errors import TaskError
 if TYPE_CHECKING:
     from .network import HATNetwork
 
+__all__ = ['watch', 'ensure_step_hooks', 'check_step']
+
 _networks: "weakref.WeakSet[HATNetwork]" = weakref.WeakSet()
 _step_hooks: tuple | None = None
 
@@ -33,6 +35,7 @@ def watch(network: "HATNetwork") -> None:
 
 
 def ensure_step_hooks() -> None:
+    """Register torch's global optimizer-step hooks once."""
     global _step_hooks
     if _step_hooks is None:
         from .protection import _after_any_step

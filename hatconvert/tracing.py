@@ -27,6 +27,10 @@ from .errors import ConversionError
 from .gates import apply_gate, gated_layer, scale_rows
 from .layers import has_hooks, is_gatable, is_norm, train_only_types
 
+__all__ = ['MAX_AUTO_LEAVES', 'register_leaf_module', 'register_leaf_function', 'HATTracer',
+           'Traced', 'trace_model', 'HOOK_DICTS', 'check_hooks_kept', 'move_root_hooks',
+           'keep_layers_read_directly', 'none_defaults']
+
 _user_leaf_modules: set[type] = set()
 _user_leaf_functions: set[Callable] = set()
 MAX_AUTO_LEAVES = 64  # failing submodules made leaves before giving up
@@ -77,6 +81,7 @@ class HATTracer(fx.Tracer):
         self.traced_through: set[str] = set()  # modules whose forward became graph nodes
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        """Layers, norms, registered and timm's not-traceable modules stay whole."""
         if is_gatable(m) or is_norm(m) or isinstance(m, self._leaf_classes) \
                 or module_qualified_name in self._leaf_paths:
             return True
@@ -84,6 +89,7 @@ class HATTracer(fx.Tracer):
 
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
         # Remember where we are, so that a failure can name the module it happened in.
+        """Trace a module call, remembering where a failure happened."""
         path = self.path_of_module(m)
         self.module_stack_paths.append(path)
         if not self.is_leaf_module(m, path):
@@ -115,11 +121,6 @@ class Traced:
     gm: fx.GraphModule
     mode_dependent: bool = False  # the train-mode graph differs (or fails); the eval one is kept
     auto_leaves: list[str] = field(default_factory=list)  # submodules made leaves to trace
-
-
-def trace(model: nn.Module, model_name: str = "model") -> fx.GraphModule:
-    """Trace a deep copy of ``model``; the caller's model is never touched."""
-    return trace_model(model, model_name).gm
 
 
 def trace_model(model: nn.Module, model_name: str = "model", auto_leaves: bool = False) -> Traced:

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from .network import HATNetwork
 from .schedules import mask_scale
 
+__all__ = ['train_task']
+
 
 def train_task(net: HATNetwork, task_id: int, loader: Iterable, optimizer: torch.optim.Optimizer,
                *, epochs: int = 1, loss_fn: Callable[..., torch.Tensor] = F.cross_entropy,

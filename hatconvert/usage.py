@@ -1,14 +1,21 @@
-"""How much of each gated layer each task uses: a text table and a heatmap PNG (Pillow)."""
+"""How much of the network the tasks use: capacity, mask usage, ``inspect``'s table and heatmap."""
 
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from .errors import HATError
-from .network import HATNetwork
+from .protection import weight_protection
+
+if TYPE_CHECKING:
+    from .network import HATNetwork
+
+__all__ = ['free_per_layer', 'gated_sizes', 'layer_capacity', 'overall_capacity', 'mask_usage',
+           'usage_table', 'usage_heatmap']
 
 
-def free_per_layer(net: HATNetwork) -> dict[str, float] | None:
+def free_per_layer(net: "HATNetwork") -> dict[str, float] | None:
     """``layer_capacity()``, or None when it cannot be computed (no example input known)."""
     try:
         return net.layer_capacity()
@@ -16,16 +23,44 @@ def free_per_layer(net: HATNetwork) -> dict[str, float] | None:
         return None
 
 
-def overall_capacity(net: HATNetwork, free: dict[str, float]) -> float:
-    """``net.capacity()`` from per-layer values already computed (propagation is the slow part)."""
+def gated_sizes(net: "HATNetwork") -> dict[str, int]:
+    """Number of weight and bias entries of each gated layer."""
     sizes = {}
-    for path in free:
+    for path in net.layout.gated:
         layer = net.model.get_submodule(path)
         sizes[path] = layer.weight.numel() + (0 if layer.bias is None else layer.bias.numel())
+    return sizes
+
+
+def layer_capacity(net: "HATNetwork", tasks: list[int]) -> dict[str, float]:
+    """Per gated layer, the fraction of weights and biases ``tasks`` leave free to train."""
+    sizes = gated_sizes(net)
+    if not tasks:
+        return {path: 1.0 for path in sizes}
+    out = {path: gate.cumulative(tasks) for path, gate in net.gates().items()}
+    inputs = net.input_masks(out, tasks[-1])
+    result = {}
+    for path in net.layout.gated:
+        layer = net.model.get_submodule(path)
+        protect_w, protect_b = weight_protection(layer, out[path], inputs[path])
+        used = protect_w.sum() + (protect_b.sum() if layer.bias is not None else 0)
+        result[path] = 1.0 - float(used) / sizes[path]
+    return result
+
+
+def overall_capacity(net: "HATNetwork", free: dict[str, float]) -> float:
+    """``net.capacity()`` from per-layer values already computed (propagation is the slow part)."""
+    sizes = gated_sizes(net)
     return sum(free[p] * sizes[p] for p in sizes) / sum(sizes.values())
 
 
-def usage_table(net: HATNetwork, free: dict[str, float] | None = None) -> str:
+def mask_usage(net: "HATNetwork") -> dict[str, list[float | None]]:
+    """Per gated layer and task, the fraction of units the task's stored mask uses."""
+    return {path: [float(gate.task_masks[t].mean()) if bool(net.trained[t]) else None
+                   for t in range(net.num_tasks)] for path, gate in net.gates().items()}
+
+
+def usage_table(net: "HATNetwork", free: dict[str, float] | None = None) -> str:
     """Per gated layer: units, gate mode, share of units each trained task uses, share free."""
     tasks = net.trained_tasks()
     usage = net.mask_usage()
@@ -45,7 +80,7 @@ def usage_table(net: HATNetwork, free: dict[str, float] | None = None) -> str:
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
-def usage_heatmap(net: HATNetwork, path: str | os.PathLike,
+def usage_heatmap(net: "HATNetwork", path: str | os.PathLike,
                   free: dict[str, float] | None = None) -> None:
     """Write a PNG heatmap: one row per gated layer, one column per trained task, then "free".
 

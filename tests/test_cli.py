@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import hatconvert
-from hatconvert.cli import main
+from hatconvert.cli import main  # the command's entry point, as the console script calls it
 from models import ResidualConcatNet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -11,7 +11,7 @@ from torch import nn
 
 import hatconvert
 from hatconvert import ConversionError, TaskError
-from hatconvert.gates import GATE_FLOOR, soft_gate
+from hatconvert.gates import GATE_FLOOR, soft_gate  # internal: the subnormal flush under test
 from models import DataDependent, ResidualConcatNet, SequenceNet
 
 TIMM_MODELS = {

@@ -12,7 +12,7 @@ from torch import nn
 
 import hatconvert
 from hatconvert import CheckpointError, ConversionError
-from hatconvert.errors import one_line
+from hatconvert.errors import one_line  # internal: the message shortener under test
 from helpers import train
 from models import ResidualConcatNet
 

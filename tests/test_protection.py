@@ -12,7 +12,7 @@ from torch import nn
 
 import hatconvert
 from hatconvert import TaskError
-from hatconvert.propagation import input_masks
+from hatconvert.propagation import input_masks  # internal: propagation is the unit under test
 from helpers import eval_out, train
 from models import ResidualConcatNet
 

@@ -26,6 +26,7 @@ from torch import nn
 
 import hatconvert
 from hatconvert import ConversionError
+# internal: these tests check the propagated masks and the protected entries themselves
 from hatconvert.propagation import input_masks
 from hatconvert.protection import weight_protection
 from helpers import eval_out, train
