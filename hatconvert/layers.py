@@ -19,7 +19,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 
 from .gates import apply_gate, can_fold_into_norm, gated_batch_norm
 
-__all__ = ['GATABLE_TYPES', 'NORM_TYPES', 'EXTRA_NORM_CLASSES', 'ZERO_PRESERVING_NORM_NAMES',
+__all__ = ['input_features', 'updates_statistics', 'GATABLE_TYPES', 'NORM_TYPES', 'EXTRA_NORM_CLASSES', 'ZERO_PRESERVING_NORM_NAMES',
            'rows_are_units', 'gate_node', 'extra_norm_types', 'TRAIN_ONLY_CLASSES',
            'train_only_types', 'cond_conv_types', 'is_cond_conv', 'is_gatable', 'is_norm',
            'maps_zero_to_zero', 'uses_weight_as_is', 'normalizes_each_unit', 'norm_channel_dim',
@@ -181,6 +181,16 @@ def gate_node(graph: "torch.fx.Graph", gate_path: str, task: Any, scale: Any) ->
     return graph.call_module(gate_path, (task, scale))
 
 
+def input_features(layer: nn.Module) -> int:
+    """Number of input features (channels) a gated layer reads."""
+    return getattr(layer, "in_features", None) or layer.in_channels
+
+
+def updates_statistics(module: nn.Module) -> bool:
+    """Whether a forward in training mode changes the module's state (running statistics)."""
+    return isinstance(module, (_BatchNorm, _InstanceNorm)) and module.track_running_stats
+
+
 def output_units(module: nn.Module) -> int:
     """Number of output units a gate of this layer has."""
     if isinstance(module, nn.Linear):
@@ -224,8 +234,9 @@ class TaskIndexed(nn.Module):
         x = args[0]
         if not gate_behind_norm(module, x, gate_dim):
             return module(apply_gate(x, gate, gate_dim), *args[1:], **kwargs)
-        if can_fold_into_norm(module) and not has_hooks(module):
-            return gated_batch_norm(module, x, gate)
+        if can_fold_into_norm(module) and not has_hooks(module) and gate.dtype != torch.bool:
+            return gated_batch_norm(module, x, gate)  # hard gates select the output instead:
+            # a closed unit's input may overflow to inf, and inf * 0 in the affine is NaN
         return apply_gate(module(*args, **kwargs), gate, norm_channel_dim(module, x))
 
 

@@ -62,13 +62,21 @@ class TaskLifecycle:
     def abort_task(self) -> None:
         """Abandon the active task: its embeddings go back to what they were before
         ``begin_task`` and it is not marked trained. Trained tasks are untouched (the free
-        weights the task changed belong to no trained task)."""
+        weights the task changed belong to no trained task). Aborting a task begun with
+        ``retrain=True`` after it trained forgets it: its own weights have moved."""
         self._disarm()
         t, start = self.active_task, self._task_start
         if t is not None and start is not None:
             with torch.no_grad():
                 for path, gate in self.gates().items():
                     gate.embedding[t].copy_(start[path])
+                if bool(self.trained[t]) and self._task_trained_on:
+                    for gate in self.gates().values():
+                        gate.task_masks[t].zero_()
+                    self.trained[t] = False
+                    warnings.warn(f"task {t} was being retrained: aborting it leaves its own "
+                                  "weights changed, so it is forgotten (no longer trained)",
+                                  RuntimeWarning, stacklevel=2)
         self.active_task = None
         self._options = {}
         self._needs_arming = False
@@ -135,10 +143,11 @@ class TaskLifecycle:
         self._needs_arming = False
 
     def _disarm(self) -> None:
+        """Put the held entries back one last time, then remove the protection."""
         if self._guard is not None:
+            self._guard.restore()
             self._guard.disarm()
             self._guard = None
-
 
 
 def check_begin_options(mode: str, adjustment: str, alpha: Any, s_max: Any) -> None:

@@ -11,6 +11,7 @@ from torch import nn
 
 from .errors import HATError, TaskError
 from .gates import HATGate, sparsity_penalty
+from .layers import input_features, updates_statistics
 from .layout import Layout
 from .lifecycle import TaskLifecycle
 from .options import ConversionOptions
@@ -58,6 +59,8 @@ class HATNetwork(TaskLifecycle, nn.Module):
         """A copy or pickle holds no armed protection; an active task is armed again in the
         copy before its first forward or optimizer step (protected entries are unchanged
         since begin_task, so the copy protects the same values)."""
+        if self._guard is not None:
+            self._guard.restore()  # the copy protects the values begin_task saw
         state = super().__getstate__()
         state["_guard"] = None
         state["_needs_arming"] = self.active_task is not None
@@ -87,6 +90,10 @@ class HATNetwork(TaskLifecycle, nn.Module):
         if self.training:
             self._check_training_forward(t, mask_scale)
             self._last_scale = None if mask_scale is None else float(mask_scale)
+        elif bool(self.trained[t]) and t != self.active_task:
+            self._check_statistics_kept(t)
+        if self._guard is not None and t != self.active_task:
+            self._guard.restore()  # undo changes made outside a hooked optimizer step
         if self._example is None and isinstance(x, torch.Tensor):
             self._example = x[:1].detach().clone()
         if self._needs_arming:
@@ -106,6 +113,21 @@ class HATNetwork(TaskLifecycle, nn.Module):
             raise TaskError(
                 f"training forward for task {t} with no active task: call begin_task({t}) "
                 "first so that trained tasks stay protected")
+
+    def _check_statistics_kept(self, t: int) -> None:
+        """Refuse to run trained task ``t`` while a module it reads would update its running
+        statistics (``net.model.train()`` or one norm set to training by hand)."""
+        modules = {Layout.copy_key(p, t): self.model.get_submodule(p).copies[t]
+                   for p in self.layout.task_indexed_modules()}
+        modules.update({p: self.model.get_submodule(p) for p in self.layout.frozen_leaves})
+        for path, module in modules.items():
+            for name, sub in module.named_modules(prefix=path):
+                if sub.training and updates_statistics(sub):
+                    raise TaskError(
+                        f"task {t} is trained, but {type(sub).__name__} '{name}' is in training "
+                        "mode and would change the running statistics task {t} reads: call "
+                        "net.eval() (not net.model.train()) to evaluate it".replace(
+                            "{t}", str(t)))
 
     def check_task_id(self, task_id: Any) -> int:
         """``task_id`` as a Python int in ``[0, num_tasks)``, or a ``TaskError`` that says why."""
@@ -162,8 +184,7 @@ class HATNetwork(TaskLifecycle, nn.Module):
         masks = input_masks(self.model, self.layout, out_masks, self.example_input(), task_id)
         for path in self.layout.gated:  # a layer the propagation never reached: fully used
             if path not in masks:
-                layer = self.model.get_submodule(path)
-                masks[path] = torch.ones(getattr(layer, "in_features", None) or layer.in_channels)
+                masks[path] = torch.ones(input_features(self.model.get_submodule(path)))
         return masks
 
     # -- regularization, capacity, usage (the work lives in gates.py and usage.py) ------------

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .gates import HATGate, apply_gate, gated_layer
-from .layers import (TaskIndexed, gate_behind_norm, maps_zero_to_zero, norm_channel_dim,
-                     train_only_types)
+from .layers import (TaskIndexed, gate_behind_norm, has_hooks, input_features, maps_zero_to_zero,
+                     norm_channel_dim, train_only_types)
 from .layout import Layout
 from .op_rules import (ALL_DATA, CAST_METHODS, ELEMENTWISE_MODULES, MASKED_FILL, PRODUCTS,
                        QUOTIENTS, SHAPE_ONLY_OTHERS, STRUCTURAL_MODULES, SUMS, WHERE,
@@ -108,6 +108,11 @@ class MaskPropagator(fx.Interpreter):
         return fx.node.map_aggregate(arg, lambda a: self.env[a] if isinstance(a, fx.Node) else a)
 
     def _record_input(self, path: str, x: Any) -> None:
+        """Note which input features of gated layer ``path`` may be non-zero (``x`` None:
+        every one)."""
+        if x is None:
+            self.input_masks[path] = torch.ones(input_features(self.module.get_submodule(path)))
+            return
         mask = self._tensor_mask(x)
         if not isinstance(mask, torch.Tensor):
             return
@@ -191,7 +196,8 @@ class MaskPropagator(fx.Interpreter):
         if isinstance(module, HATGate):
             return None
         if target in self.layout.gated:  # a gated layer whose gate sits further on
-            self._record_input(target, n.args[0])
+            # a forward pre-hook may change what the layer reads: its input counts as used
+            self._record_input(target, n.args[0] if not module._forward_pre_hooks else None)
             return _ones_like(result)
         if isinstance(module, TaskIndexed) and "gate" in n.kwargs:
             layer = self.gate_to_layer[n.kwargs["gate"].target]
@@ -200,6 +206,9 @@ class MaskPropagator(fx.Interpreter):
             if not gate_behind_norm(norm, x, n.kwargs.get("gate_dim", 1)):
                 return _ones_like(result)  # gated before a norm that mixes its units
             return _broadcast(self.unit_masks[layer], result, norm_channel_dim(norm, x))
+        if any(has_hooks(m) for m in module.modules()) and not isinstance(
+                module, ELEMENTWISE_MODULES):  # a user's hook may change any value
+            return _ones_like(result)
         if isinstance(module, TaskIndexed) and maps_zero_to_zero(module.copies[0]):
             # RMS norms and ``x * gamma`` scales: a zero entry stays zero
             return self._tensor_mask(n.args[0]) * torch.ones_like(result, dtype=torch.float32)

@@ -93,9 +93,14 @@ def adjustment_rate(protect: torch.Tensor, mode: str, alpha: float | None) -> to
 
 def compensate(grad: torch.Tensor, embedding: torch.Tensor, s: float, s_max: float) -> torch.Tensor:
     """HAT's embedding gradient compensation for a forward pass at mask scale ``s``."""
-    e = embedding.detach()
+    wide = torch.promote_types(grad.dtype, torch.float32)  # cosh(50) overflows float16
+    e = embedding.detach().to(wide)
     num = torch.cosh(torch.clamp(s * e, -COMPENSATION_CLAMP, COMPENSATION_CLAMP)) + 1.0
-    return grad * (s_max / s) * num / (torch.cosh(e) + 1.0)
+    out = grad.to(wide) * (s_max / s) * num / (torch.cosh(e) + 1.0)
+    if wide != grad.dtype:  # a half-precision gradient: keep it finite
+        limit = torch.finfo(grad.dtype).max
+        out = out.clamp(-limit, limit)
+    return out.to(grad.dtype)
 
 
 @dataclass
@@ -150,10 +155,16 @@ class Guard:
     def after_step(self) -> None:
         """After an optimizer step: restore held entries, zero non-finite shared ones, clamp."""
         with torch.no_grad():
-            for item in self.held:
-                item.restore()
+            self.restore()
             self._zero_non_finite()
             self._after_step()
+
+    def restore(self) -> None:
+        """Put every held entry back: after a step, and wherever something outside a hooked
+        step may have moved one (an optimizer wrapper, a manual edit)."""
+        with torch.no_grad():
+            for item in self.held:
+                item.restore()
 
     def _zero_non_finite(self) -> None:
         if not self.shared:
@@ -245,7 +256,9 @@ def protect_gated(net: "HATNetwork", guard: Guard, gates: dict[str, "HATGate"],
             if param.requires_grad:  # a frozen parameter gets no gradient to scale
                 guard.handles.append(param.register_hook(
                     rate_hook(protect, opts["adjustment"], opts["alpha"])))
-            if opts["adjustment"] == "hat" or not param.requires_grad:
+            fixed = opts["adjustment"] == "hat" or (opts["adjustment"] == "hat_const_alpha"
+                                                    and opts["alpha"] == 0)
+            if fixed or not param.requires_grad:
                 guard.held.append(hold(param, protect.bool()))
 
 

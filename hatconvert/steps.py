@@ -62,8 +62,9 @@ def check_step(net: "HATNetwork", optimizer: torch.optim.Optimizer, owns: bool) 
     with_grad = [p for group in optimizer.param_groups for p in group["params"]
                  if p.grad is not None]
     if net.active_task is not None:
-        if net._guard is None and with_grad:
-            net._arm_or_abort()
+        stale = net._guard is not None and net._guard.param_ids != net.parameter_ids()
+        if (net._guard is None or stale) and with_grad:
+            net._arm_or_abort()  # parameters replaced mid-task (.to() with overwrite): anew
         return
     mine = net.parameter_ids()
     if bool(net.trained.any()) and any(id(p) in mine for p in with_grad):

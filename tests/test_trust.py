@@ -370,3 +370,112 @@ def test_an_optimizer_over_the_original_model_warns():
         warnings.simplefilter("error")
         opt.step()  # said once per optimizer
     net.end_task()
+
+
+# -- found by a hostile test of the above ----------------------------------------------------
+def test_a_pre_hook_that_shifts_a_gated_layers_input_protects_every_column():
+    model = nn.Sequential(nn.Linear(5, 10), nn.ReLU(), nn.Linear(10, 8), nn.ReLU(),
+                          nn.Linear(8, 3))
+    model[2].register_forward_pre_hook(lambda m, i: (i[0] + 1.0,))
+    x = torch.randn(16, 5)
+    net, opt, y = trained(model, x)
+    before = eval_out(net, x, 0)
+    net.train()
+    net.begin_task(1)
+    steps(net, opt, 1, x, y)
+    net.end_task()
+    assert torch.equal(eval_out(net, x, 0), before)
+
+
+def test_running_a_trained_task_with_a_norm_in_training_mode_is_refused():
+    x = torch.randn(4, 3, 6, 6)
+    net, _, _ = trained(ConvNet(), x)
+    net.eval()
+    net.model.train()  # past net.eval(): the norm copies would update their statistics
+    with torch.no_grad(), pytest.raises(TaskError, match="bn.copies.0"):
+        net(x, 0)
+
+
+def test_parameters_replaced_mid_task_are_protected_anew():
+    x = torch.randn(4, 3, 6, 6)
+    net, _, y = trained(ConvNet(), x)
+    before = eval_out(net, x, 0)
+    net.train()
+    net.begin_task(1)
+    net(x, 1, 1.0)
+    previous = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        net.double()  # new Parameter objects: the armed hooks point at the old ones
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(previous)
+    opt = torch.optim.SGD(param_groups(net), lr=0.1, momentum=0.9)
+    steps(net, opt, 1, x.double(), y)
+    net.end_task()
+    net.float()
+    assert torch.equal(eval_out(net, x, 0), before)
+
+
+def test_a_closed_unit_behind_a_batch_norm_stays_zero_when_its_input_overflows():
+    x = torch.randn(4, 3, 6, 6)
+    net, _, _ = trained(ConvNet(), x)
+    before = eval_out(net, x, 0)
+    closed = net.gates()["conv"].task_masks[0] == 0
+    with torch.no_grad():  # finite, but the conv output overflows to inf
+        net.model.get_submodule("conv").weight[closed] = 3e38
+    assert torch.equal(eval_out(net, x, 0), before)
+
+
+def test_changes_made_after_a_hooked_step_are_undone_before_a_trained_task_runs():
+    x = torch.randn(8, 5)
+    net, opt, y = trained(TabularMLP(), x)
+    before = eval_out(net, x, 0)
+    net.train()
+    net.begin_task(1)
+    steps(net, opt, 1, x, y)
+    with torch.no_grad():  # an optimizer wrapper (timm's Lookahead) moving weights afterwards
+        for p in net.parameters():
+            p.add_(0.01)
+    assert torch.equal(eval_out(net, x, 0), before)
+    net.train()
+    steps(net, opt, 1, x, y)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.01)
+    net.end_task()
+    assert torch.equal(eval_out(net, x, 0), before)
+
+
+def test_aborting_a_retrained_task_forgets_it():
+    x = torch.randn(8, 5)
+    net, opt, y = trained(TabularMLP(), x, tasks=2)
+    task1 = eval_out(net, x, 1)
+    net.train()
+    net.begin_task(0, retrain=True)
+    steps(net, opt, 0, x, y)
+    with pytest.warns(RuntimeWarning, match="forgotten"):
+        net.abort_task()
+    assert net.trained_tasks() == [1]
+    assert torch.equal(eval_out(net, x, 1), task1)
+
+
+def test_half_precision_compensation_stays_finite():
+    net = hatconvert.convert(TabularMLP(), num_tasks=2).half()
+    x, y = torch.randn(8, 5).half(), torch.randint(0, 3, (8,))
+    net.train()
+    net.begin_task(0)
+    loss = F.cross_entropy(net(x, 0, 400.0).float(), y)
+    loss.backward()
+    assert all(bool(g.embedding.grad.isfinite().all()) for g in net.gates().values())
+
+
+def test_hat_const_alpha_zero_holds_protected_entries_through_weight_decay():
+    x = torch.randn(8, 5)
+    net, opt, y = trained(TabularMLP(), x, optimizer=lambda g: torch.optim.AdamW(
+        g, lr=0.05, weight_decay=0.5))
+    before = eval_out(net, x, 0)
+    net.train()
+    net.begin_task(1, adjustment="hat_const_alpha", alpha=0.0)
+    steps(net, opt, 1, x, y)
+    net.end_task()
+    assert torch.equal(eval_out(net, x, 0), before)

@@ -30,9 +30,16 @@ def oversized(path: pathlib.Path, max_class: int, max_function: int) -> list[str
         start = min([node.lineno] + [d.lineno for d in node.decorator_list])
         length = node.end_lineno - start + 1
         if length > limit:
-            found.append(f"{path.relative_to(ROOT)}:{node.lineno} {kind} {node.name} "
+            found.append(f"{_shown(path)}:{node.lineno} {kind} {node.name} "
                          f"({length} lines, limit {limit})")
     return found
+
+
+def _shown(path: pathlib.Path) -> str:
+    try:
+        return str(path.relative_to(ROOT))
+    except ValueError:
+        return str(path)
 
 
 def main(argv: list[str] | None = None) -> int:
