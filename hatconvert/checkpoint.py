@@ -23,6 +23,7 @@ from torch import nn
 
 from .errors import CheckpointError, HATError, one_line
 from .layers import output_units
+from .gates import closed_rows_zeroed, gated_layer
 from .network import HATNetwork
 from .options import ConversionOptions
 
@@ -436,14 +437,17 @@ def example_dtype(path: str, net: HATNetwork, dtype: torch.dtype) -> torch.dtype
     inputs = [n for n in graph.find_nodes(op="placeholder")
               if n.target not in ("task_id", "mask_scale")]
     for user in inputs[0].users if inputs else ():
-        if user.op == "call_module":
-            layer = net.model.get_submodule(user.target)
-            weight = getattr(layer, "weight", None)
-            if isinstance(weight, torch.Tensor) and weight.is_floating_point() and \
-                    isinstance(layer, (nn.Linear, nn.modules.conv._ConvNd)):
-                raise CheckpointError(
-                    f"{path!r} has a damaged header: its example input is {dtype} but the "
-                    f"network's first layer '{user.target}' takes floating-point input")
+        path_of_layer = user.target if user.op == "call_module" else \
+            user.args[1].target if user.target in (gated_layer, closed_rows_zeroed) else None
+        if path_of_layer is None:
+            continue
+        layer = net.model.get_submodule(path_of_layer)
+        weight = getattr(layer, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.is_floating_point() and \
+                isinstance(layer, (nn.Linear, nn.modules.conv._ConvNd)):
+            raise CheckpointError(
+                f"{path!r} has a damaged header: its example input is {dtype} but the "
+                f"network's first layer '{path_of_layer}' takes floating-point input")
     return dtype
 
 

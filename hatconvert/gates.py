@@ -161,6 +161,15 @@ def gated_layer(x: torch.Tensor, layer: nn.Module, gate: torch.Tensor) -> torch.
     return layer._conv_forward(x, weight, bias)
 
 
+def closed_rows_zeroed(x: torch.Tensor, layer: nn.Module, gate: torch.Tensor) -> torch.Tensor:
+    """``layer(x)``, with the rows of closed units zeroed when the gate is hard (the gate itself
+    is applied by the norm that follows): a closed unit's output is then exactly 0 whatever a
+    later task left in its rows, where an overflow to inf would make the norm's NaN."""
+    if gate.dtype != torch.bool or layer._forward_hooks or layer._forward_pre_hooks:
+        return layer(x)  # a hook registered after conversion still runs
+    return gated_layer(x, layer, gate)
+
+
 def gated_batch_norm(bn: nn.Module, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """``gate * bn(x)`` for an exact affine BatchNorm, with the gate folded into its affine.
 

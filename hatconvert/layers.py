@@ -234,9 +234,8 @@ class TaskIndexed(nn.Module):
         x = args[0]
         if not gate_behind_norm(module, x, gate_dim):
             return module(apply_gate(x, gate, gate_dim), *args[1:], **kwargs)
-        if can_fold_into_norm(module) and not has_hooks(module) and gate.dtype != torch.bool:
-            return gated_batch_norm(module, x, gate)  # hard gates select the output instead:
-            # a closed unit's input may overflow to inf, and inf * 0 in the affine is NaN
+        if can_fold_into_norm(module) and not has_hooks(module):
+            return gated_batch_norm(module, x, gate)
         return apply_gate(module(*args, **kwargs), gate, norm_channel_dim(module, x))
 
 

@@ -21,7 +21,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .gates import HATGate, apply_gate, gated_layer
+from .gates import HATGate, apply_gate, closed_rows_zeroed, gated_layer
 from .layers import (TaskIndexed, gate_behind_norm, has_hooks, input_features, maps_zero_to_zero,
                      norm_channel_dim, train_only_types)
 from .layout import Layout
@@ -223,6 +223,9 @@ class MaskPropagator(fx.Interpreter):
     def _hat_function_rule(self, n: fx.Node, result: Any) -> Any:
         """Gates, folded layers and attention: None for any other function."""
         target = n.target
+        if target is closed_rows_zeroed:  # the norm after it applies the gate
+            self._record_input(n.args[1].target, n.args[0])
+            return _ones_like(result)
         if target is gated_layer:
             layer = n.args[1].target
             self._record_input(layer, n.args[0])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -18,8 +19,8 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from .errors import ConversionError
-from .gates import (HATGate, apply_gate, can_fold_into_norm, can_fold_into_weight, gated_layer,
-                    scale_rows)
+from .gates import (HATGate, apply_gate, can_fold_into_norm, can_fold_into_weight,
+                    closed_rows_zeroed, gated_layer, scale_rows)
 from .layers import (TaskIndexed, TaskParameter, gate_node, has_hooks, is_gatable, is_norm,
                      normalizes_each_unit, output_units, rows_are_units, unit_dim)
 from .layout import GATES, PARAMS, GatedLayer, GatePlacement, Layout
@@ -237,6 +238,16 @@ def following_norm(node: fx.Node, norms: set[str], calls: dict[str, list[fx.Node
     return None
 
 
+def replace_call(graph: fx.Graph, node: fx.Node, function: Any, gate: fx.Node) -> fx.Node:
+    """Replace the layer call ``node`` by ``function(x, layer, gate)``."""
+    with graph.inserting_before(node):
+        layer = graph.get_attr(node.target)
+        call = graph.call_function(function, (node.args[0], layer, gate))
+    node.replace_all_uses_with(call)
+    graph.erase_node(node)
+    return call
+
+
 def gate_output(graph: fx.Graph, site: fx.Node, gate: fx.Node, dim: int) -> None:
     """Multiply the output of ``site`` by ``gate`` and make every user read the product."""
     with graph.inserting_after(site):
@@ -252,19 +263,18 @@ def gate_call(gm: fx.GraphModule, node: fx.Node, gate_path: str, dim: int, norms
     with graph.inserting_before(node):
         gate = gate_node(graph, gate_path, task, scale)
     norm = following_norm(node, norms, calls)
+    layer = gm.get_submodule(node.target)
+    foldable_rows = can_fold_into_weight(layer) and not has_hooks(layer) and \
+        len(node.args) == 1 and not node.kwargs
     if norm is not None:  # the task-indexed norm applies the gate (layers.TaskIndexed)
         norm.kwargs = {**norm.kwargs, "gate": gate, "gate_dim": dim}
+        if foldable_rows:  # hard gates also zero the closed rows: the norm then sees zeros
+            replace_call(graph, node, closed_rows_zeroed, gate)
         module = gm.get_submodule(norm.target)
         foldable = can_fold_into_norm(module) and not has_hooks(module)
         return (GatePlacement.NORM if foldable else GatePlacement.OUTPUT), norm.target
-    layer = gm.get_submodule(node.target)
-    if can_fold_into_weight(layer) and not has_hooks(layer) and len(node.args) == 1 \
-            and not node.kwargs:
-        with graph.inserting_before(node):
-            layer = graph.get_attr(node.target)
-            folded = graph.call_function(gated_layer, (node.args[0], layer, gate))
-        node.replace_all_uses_with(folded)
-        graph.erase_node(node)
+    if foldable_rows:
+        replace_call(graph, node, gated_layer, gate)
         return GatePlacement.WEIGHT, None
     gate_output(graph, node, gate, dim)
     return GatePlacement.OUTPUT, None

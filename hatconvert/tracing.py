@@ -24,7 +24,7 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import ConversionError
-from .gates import apply_gate, gated_layer, scale_rows
+from .gates import apply_gate, closed_rows_zeroed, gated_layer, scale_rows
 from .layers import has_hooks, is_gatable, is_norm, train_only_types
 
 __all__ = ['MAX_AUTO_LEAVES', 'register_leaf_module', 'register_leaf_function', 'HATTracer',
@@ -73,7 +73,7 @@ class HATTracer(fx.Tracer):
         # hatconvert's own graph functions too: unpickling a converted graph traces its code
         # again with this tracer (torch.fx keeps the tracer class), and must not enter them
         super().__init__(autowrap_functions=timm_functions + tuple(_user_leaf_functions)
-                         + (apply_gate, gated_layer, scale_rows))
+                         + (apply_gate, gated_layer, scale_rows, closed_rows_zeroed))
         self._leaf_classes = timm_modules + tuple(_user_leaf_modules) + train_only_types()
         self._leaf_paths = leaf_paths or set()  # submodules made leaves after tracing failed
         self.module_stack_paths: list[str] = []
