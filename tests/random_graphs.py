@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import hatconvert
+from helpers import eval_out, train  # the tests' HAT loop (tests/ is on the path)
 
 MAX_NUMEL = 384       # entries per sample of any tensor
 MAX_CHANNELS = 12     # size of dim 1 after a layer or a concatenation
@@ -895,25 +896,6 @@ def param_groups(net, fixed_gates: bool) -> list[dict]:
     return [{"params": rest}, {"params": gates, "lr": 0.0, "weight_decay": 0.0}]
 
 
-def _train(net, optimizer, task: int, x: torch.Tensor, y: torch.Tensor, steps: int) -> None:
-    """The loop of tests/helpers.py ``train``."""
-    net.train()
-    net.begin_task(task)
-    for b in range(steps):
-        s = hatconvert.mask_scale(b, steps)
-        loss = F.cross_entropy(net(x, task, s), y) + net.regularization(task, s)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    net.end_task()
-
-
-def _eval(net, x: torch.Tensor, task: int) -> torch.Tensor:
-    net.eval()
-    with torch.no_grad():
-        return net(x, task)
-
-
 def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:300]
 
@@ -984,14 +966,14 @@ def _check(program: Program, seed: int, optimizer: str, steps: int, batch: int,
             recorded: dict[int, torch.Tensor] = {}
             moved: dict[int, str] = {}
             for t in range(NUM_TASKS):
-                _train(net, opt, t, xs[t], ys[t], steps)
+                train(net, opt, t, xs[t], ys[t], steps)
                 for old, out in recorded.items():  # where an earlier task first moved
-                    if old not in moved and not same(_eval(net, probe, old), out):
+                    if old not in moved and not same(eval_out(net, probe, old), out):
                         moved[old] = f"after task {t}"
-                recorded[t] = _eval(net, probe, t)
+                recorded[t] = eval_out(net, probe, t)
                 result.nonfinite |= not bool(recorded[t].isfinite().all())
             for t in range(NUM_TASKS - 1):
-                now = _eval(net, probe, t)
+                now = eval_out(net, probe, t)
                 if not same(now, recorded[t]):
                     where = moved.get(t, "?")
                     if bool(recorded[t].isfinite().all()) and not bool(now.isfinite().all()):
