@@ -125,9 +125,8 @@ class HATNetwork(TaskLifecycle, nn.Module):
                 if sub.training and updates_statistics(sub):
                     raise TaskError(
                         f"task {t} is trained, but {type(sub).__name__} '{name}' is in training "
-                        "mode and would change the running statistics task {t} reads: call "
-                        "net.eval() (not net.model.train()) to evaluate it".replace(
-                            "{t}", str(t)))
+                        f"mode and would change the running statistics task {t} reads: call "
+                        "net.eval() (not net.model.train()) to evaluate it")
 
     def check_task_id(self, task_id: Any) -> int:
         """``task_id`` as a Python int in ``[0, num_tasks)``, or a ``TaskError`` that says why."""
