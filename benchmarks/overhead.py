@@ -3,7 +3,8 @@
 For timm resnet18 and vit_tiny_patch16_224 at batch 32 on CPU, prints the median time of a
 training step (forward, backward, SGD step) at mask scales 1, 50 and 400, of a training step of
 task 1 while task 0 is protected (gradient hooks and the optimizer-step guard armed, s=50), and
-of eval inference with hard gates, each as a ratio converted / plain. Runs alternate between the two models so
+of eval inference with hard gates, each as a ratio converted / plain; then the time of
+hatconvert's own work around one protected step (the step hooks, the NaN check, the restore). Runs alternate between the two models so
 that drifting machine load hits both alike.
 
     python benchmarks/overhead.py [--models resnet18 vit_tiny_patch16_224] [--batch 32] [--reps 5]
@@ -56,6 +57,18 @@ def side_by_side(plain_fn, hat_fn, reps: int) -> tuple[float, float]:
     return statistics.median(plain), statistics.median(hat)
 
 
+def guard_costs(net, optimizer, reps: int) -> dict[str, float]:
+    """hatconvert's own work around one optimizer step while task 0 is held, timed directly
+    (the side-by-side ratios above are noisier than these few milliseconds)."""
+    from hatconvert import steps
+
+    def median_ms(fn) -> float:
+        return statistics.median(timed(fn, max(reps, 5) * 4)) * 1e3
+    return {"pre-step hook": median_ms(lambda: steps._before_any_step(optimizer, (), {})),
+            "NaN/inf check of shared weights": median_ms(net._guard._zero_non_finite),
+            "restore of held entries": median_ms(net._guard.restore)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["resnet18", "vit_tiny_patch16_224"])
@@ -85,12 +98,17 @@ def main() -> None:
         rows.append(("train, task 0 held", *side_by_side(
             train_step(plain, x, y, opt_p), train_step(net, x, y, opt_h, task_id=1,
                                                        mask_scale=50.0), args.reps)))
+        costs = guard_costs(net, opt_h, args.reps)
         net.end_task()
         plain.eval(), net.eval()
         rows.append(("eval hard gates", *side_by_side(infer(plain, x), infer(net, x, task_id=1),
                                                       args.reps)))
         for label, tp, th in rows:
             print(f"{name:<24}{label:<22}{tp * 1e3:>10.1f}{th * 1e3:>10.1f}{th / tp:>8.3f}")
+        held_step = rows[3][2]
+        for label, ms in costs.items():
+            print(f"{name:<24}{label:<32}{ms:>10.2f} ms  ({100 * ms / 1e3 / held_step:.2f}% of "
+                  "the held step)")
 
 
 if __name__ == "__main__":

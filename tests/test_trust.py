@@ -479,3 +479,19 @@ def test_hat_const_alpha_zero_holds_protected_entries_through_weight_decay():
     steps(net, opt, 1, x, y)
     net.end_task()
     assert torch.equal(eval_out(net, x, 0), before)
+
+
+def test_zeroed_rows_are_reused_only_while_weights_and_gate_stay_the_same():
+    x = torch.randn(4, 3, 6, 6)
+    net, opt, y = trained(ConvNet(), x, tasks=2)
+    net.eval()
+    with torch.inference_mode():
+        first = [net(x, 0), net(x, 1)]
+        again = [net(x, 0), net(x, 1)]  # from the cache, for each task in turn
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    with torch.no_grad():
+        net.model.get_submodule("conv").weight.mul_(2.0)  # a new weight version
+        expected = net(x, 0)
+    with torch.enable_grad():
+        assert torch.allclose(net(x, 0), expected)  # computed afresh, not from the cache
+    assert not torch.equal(expected, first[0])
