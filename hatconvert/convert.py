@@ -161,10 +161,8 @@ def convert_with_options(model: nn.Module | str, options: ConversionOptions, *,
     layout = rewrite(gm, options.num_tasks, head=head_path, head_classes=options.num_classes,
                      mask_init=options.mask_init, loose=options.loose, include=options.include,
                      exclude=options.exclude, leaves=options.leaves)
-    layout.original_keys = original_keys
-    layout.mode_dependent = traced.mode_dependent
-    layout.auto_leaves = list(traced.auto_leaves)
-    layout.dropped = unused_tensors(model, gm, layout)
+    layout.record_source(original_keys, traced.mode_dependent, traced.auto_leaves,
+                         unused_tensors(model, gm, layout))
     dropped = set(layout.dropped)  # the overhead compares what the network holds
     original_params = sum(p.numel() for n, p in model.named_parameters() if n not in dropped)
     if not layout.gated:

@@ -88,6 +88,16 @@ class Layout:
     auto_leaves: list[str] = field(default_factory=list)  # submodules kept whole to trace
     mode_dependent: bool = False  # train and eval graphs differ: the eval graph is kept
 
+    def record_source(self, original_keys: list[str], mode_dependent: bool,
+                      auto_leaves: list[str], dropped: list[str]) -> None:
+        """What the source model and its trace tell, which the graph passes cannot see: its
+        state-dict keys (for export), whether train and eval graphs differ, the submodules kept
+        whole to trace, and its tensors the network does not hold."""
+        self.original_keys = list(original_keys)
+        self.mode_dependent = bool(mode_dependent)
+        self.auto_leaves = list(auto_leaves)
+        self.dropped = list(dropped)
+
     def task_indexed_modules(self) -> list[str]:
         """Paths of the ``TaskIndexed`` modules: norms, heads and leaves with one copy per task."""
         return self.norms + self.heads + self.task_leaves
