@@ -9,7 +9,6 @@ CPU kernels downstream an order of magnitude slower, and no global flush setting
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -163,35 +162,21 @@ def gated_layer(x: torch.Tensor, layer: nn.Module, gate: torch.Tensor) -> torch.
 
 
 def closed_rows_zeroed(x: torch.Tensor, layer: nn.Module, gate: torch.Tensor) -> torch.Tensor:
-    """``layer(x)``, with the rows of closed units zeroed when the gate is hard (the gate itself
-    is applied by the norm that follows): a closed unit's output is then exactly 0 whatever a
-    later task left in its rows, where an overflow to inf would make the norm's NaN."""
+    """``layer(x)`` with closed units' outputs exactly 0 when the gate is hard (the gate itself
+    is applied by the norm that follows): whatever a later task left in their rows, the norm
+    then sees zeros, where an overflow to inf would make its ``inf * 0`` NaN.
+
+    Either the closed rows are zeroed or the closed outputs are selected away, whichever
+    touches fewer numbers: the weight for large batches, the output for a batch of one.
+    """
     if gate.dtype != torch.bool or layer._forward_hooks or layer._forward_pre_hooks:
-        return layer(x)  # a hook registered after conversion still runs
-    if torch.is_grad_enabled():  # cached rows are for no_grad and inference_mode only
-        return gated_layer(x, layer, gate)
-    weight, bias = _rows_for(layer, gate)
-    if isinstance(layer, nn.Linear):
-        return F.linear(x, weight, bias)
-    return layer._conv_forward(x, weight, bias)
-
-
-# Inference with hard gates reuses the zeroed rows until the weights or the gate change: zeroing
-# them on every call would cost a weight-sized pass, which dominates a batch of one.
-_ROWS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
-
-
-def _rows_for(layer: nn.Module, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``layer``'s weight and bias with the rows of closed units zeroed, cached per layer."""
-    tensors = [layer.weight] + ([layer.bias] if layer.bias is not None else [])
-    key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
-    cached = _ROWS.get(layer)
-    if cached is not None and cached[0] == key and torch.equal(cached[1], gate):
-        return cached[2], cached[3]
-    weight = scale_rows(layer.weight.detach(), gate)
-    bias = None if layer.bias is None else scale_rows(layer.bias.detach(), gate)
-    _ROWS[layer] = (key, gate.clone(), weight, bias)
-    return weight, bias
+        return layer(x)  # soft gates (training); a hook registered after conversion still runs
+    features = layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
+    outputs = x.numel() // max(features, 1) * gate.numel()
+    if outputs < layer.weight.numel():
+        dim = -1 if isinstance(layer, nn.Linear) else 1
+        return apply_gate(layer(x), gate, dim)
+    return gated_layer(x, layer, gate)
 
 
 def gated_batch_norm(bn: nn.Module, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
