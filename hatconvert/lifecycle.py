@@ -93,9 +93,10 @@ class TaskLifecycle:
                             f"task {t}, so task {t} was not begun (the network is as before "
                             f"begin_task({t})): {exc}") from exc
 
-    def before_step(self, optimizer: torch.optim.Optimizer, owns: bool) -> None:
+    def before_step(self, optimizer: torch.optim.Optimizer, owns: bool,
+                    closure: bool = False) -> None:
         """Called before every optimizer step (see ``steps.py``)."""
-        check_step(self, optimizer, owns)
+        check_step(self, optimizer, owns, closure)
 
     def end_task(self) -> None:
         """Store the active task's binary masks, mark it trained and lift its protection."""

@@ -45,16 +45,20 @@ def ensure_step_hooks() -> None:
 
 def _before_any_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    closure = args[1] if len(args) > 1 else kwargs.get("closure")  # args[0] is the optimizer
     for network in list(_networks):
-        network.before_step(optimizer, owns=bool(ids & network.parameter_ids()))
+        network.before_step(optimizer, owns=bool(ids & network.parameter_ids()),
+                            closure=closure is not None)
 
 
-def check_step(net: "HATNetwork", optimizer: torch.optim.Optimizer, owns: bool) -> None:
+def check_step(net: "HATNetwork", optimizer: torch.optim.Optimizer, owns: bool,
+               closure: bool = False) -> None:
     """Arm a pending task, refuse a step that would change a trained task while none is
     active, and warn about an optimizer that holds none of ``net``'s parameters while it trains.
 
     A step changes only parameters that have a gradient (torch's optimizers skip the others,
-    weight decay included), so only those count.
+    weight decay included), so only those count, unless the step is given a closure: that
+    computes the gradients inside the step, after this check.
     """
     if not owns:
         _warn_foreign_optimizer(net, optimizer)
@@ -67,7 +71,7 @@ def check_step(net: "HATNetwork", optimizer: torch.optim.Optimizer, owns: bool) 
             net._arm_or_abort()  # parameters replaced mid-task (.to() with overwrite): anew
         return
     mine = net.parameter_ids()
-    if bool(net.trained.any()) and any(id(p) in mine for p in with_grad):
+    if bool(net.trained.any()) and (closure or any(id(p) in mine for p in with_grad)):
         raise TaskError(
             f"optimizer step over the HAT network's parameters while no task is active: it "
             f"would change the trained tasks {net.trained_tasks()}; call net.begin_task(t) "

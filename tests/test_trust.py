@@ -497,3 +497,34 @@ def test_inference_with_hard_gates_follows_weight_changes():
     with torch.enable_grad():
         assert torch.allclose(net(x, 0), expected)
     assert not torch.equal(expected, first[0])
+
+
+@pytest.mark.parametrize("make", [lambda g: torch.optim.SGD(g, lr=0.1),
+                                  lambda g: torch.optim.LBFGS(g[0]["params"], lr=0.1)])
+def test_a_closure_step_with_no_active_task_is_refused(make):
+    """A closure computes the gradients inside the step, after the pre-step check."""
+    x = torch.randn(8, 5)
+    net, _, y = trained(TabularMLP(), x)
+    before = eval_out(net, x, 0)
+    opt = make(param_groups(net))
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(net(x, 0), y)
+        loss.backward()
+        return loss
+    opt.zero_grad(set_to_none=True)
+    with pytest.raises(TaskError, match="no task is active"):
+        opt.step(closure)
+    assert torch.equal(eval_out(net, x, 0), before)
+
+
+def test_steps_that_change_nothing_are_not_refused():
+    x = torch.randn(8, 5)
+    net, opt, y = trained(TabularMLP(), x)
+    opt.zero_grad(set_to_none=True)
+    opt.step()  # no gradient, no closure: nothing moves, nothing to refuse
+    other = nn.Linear(3, 2)
+    other_opt = torch.optim.SGD(other.parameters(), lr=0.1)
+    other(torch.randn(4, 3)).sum().backward()
+    other_opt.step()  # an optimizer over another model entirely
