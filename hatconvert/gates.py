@@ -8,14 +8,11 @@ CPU kernels downstream an order of magnitude slower, and no global flush setting
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import OptionError
-from .options import MASK_INITS, check_choice
+from .options import MASK_INITS, check_choice, check_regularization
 
 __all__ = ['GATE_FLOOR', 'init_embedding_', 'soft_gate', 'sparsity_penalty', 'hard_gate',
            'HATGate', 'can_fold_into_weight', 'can_fold_into_norm', 'apply_gate', 'scale_rows',
@@ -61,10 +58,7 @@ def sparsity_penalty(gates: list["HATGate"], t: int, others: list[int],
                      mode: str = "original") -> torch.Tensor:
     """``c`` times HAT's penalty on task ``t``'s soft gates: the mean gate over the units no
     task in ``others`` uses (``cross`` also rewards reusing the units they use)."""
-    if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c < 0:
-        raise OptionError(f"the regularization strength c must be a finite number >= 0, "
-                          f"got {c!r}")
-    check_choice("regularization mode", mode, ("original", "cross"))
+    check_regularization(c, mode)
     free_sum = free_count = used_sum = used_count = 0.0
     for gate in gates:
         a = soft_gate(gate.embedding[t], mask_scale)

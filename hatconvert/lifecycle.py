@@ -16,7 +16,6 @@ from .errors import OptionError, TaskError
 from .gates import init_embedding_
 from .options import MASK_INITS, check_choice, check_s_max
 from .protection import ADJUSTMENTS, arm_task
-from .steps import check_step
 
 __all__ = ['TaskLifecycle', 'check_begin_options']
 
@@ -92,11 +91,6 @@ class TaskLifecycle:
             raise TaskError(f"could not protect the trained tasks {self.trained_tasks()} for "
                             f"task {t}, so task {t} was not begun (the network is as before "
                             f"begin_task({t})): {exc}") from exc
-
-    def before_step(self, optimizer: torch.optim.Optimizer, owns: bool,
-                    closure: bool = False) -> None:
-        """Called before every optimizer step (see ``steps.py``)."""
-        check_step(self, optimizer, owns, closure)
 
     def end_task(self) -> None:
         """Store the active task's binary masks, mark it trained and lift its protection."""

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 from .errors import OptionError
 
 __all__ = ["ConversionOptions", "CONVERSION_MASK_INITS", "MASK_INITS", "LOOSE_POLICIES",
-           "LEAF_POLICIES", "check_choice", "check_s_max"]
+           "LEAF_POLICIES", "check_choice", "check_regularization", "check_s_max"]
 
 MASK_INITS = ("normal", "uniform", "U01", "U-10", "dense", "last")  # begin_task's modes
 CONVERSION_MASK_INITS = ("normal", "uniform", "dense")  # those that need no earlier task
@@ -36,6 +36,14 @@ def check_s_max(s_max: Any) -> float:
             or not math.isfinite(s_max) or s_max <= 0:
         raise OptionError(f"s_max must be a positive number, got {s_max!r}")
     return float(s_max)
+
+
+def check_regularization(c: Any, mode: Any) -> None:
+    """HAT's sparsity penalty: a strength ``c`` (finite, >= 0) and a mode (original or cross)."""
+    if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c < 0:
+        raise OptionError(f"the regularization strength c must be a finite number >= 0, "
+                          f"got {c!r}")
+    check_choice("regularization mode", mode, ("original", "cross"))
 
 
 def _doc(text: str) -> dict[str, str]:

@@ -47,31 +47,30 @@ def _before_any_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
     closure = args[1] if len(args) > 1 else kwargs.get("closure")  # args[0] is the optimizer
     for network in list(_networks):
-        network.before_step(optimizer, owns=bool(ids & network.parameter_ids()),
-                            closure=closure is not None)
+        check_step(network, optimizer, ids, network.parameter_ids(), closure is not None)
 
 
-def check_step(net: "HATNetwork", optimizer: torch.optim.Optimizer, owns: bool,
-               closure: bool = False) -> None:
+def check_step(net: "HATNetwork", optimizer: torch.optim.Optimizer, ids: set[int],
+               mine: set[int], closure: bool = False) -> None:
     """Arm a pending task, refuse a step that would change a trained task while none is
     active, and warn about an optimizer that holds none of ``net``'s parameters while it trains.
 
     A step changes only parameters that have a gradient (torch's optimizers skip the others,
     weight decay included), so only those count, unless the step is given a closure: that
-    computes the gradients inside the step, after this check.
+    computes the gradients inside the step, after this check. ``ids`` are the optimizer's
+    parameters, ``mine`` the network's.
     """
-    if not owns:
+    if not ids & mine:
         _warn_foreign_optimizer(net, optimizer)
         return
-    with_grad = [p for group in optimizer.param_groups for p in group["params"]
-                 if p.grad is not None]
+    changes = closure or any(p.grad is not None and id(p) in mine
+                             for group in optimizer.param_groups for p in group["params"])
     if net.active_task is not None:
-        stale = net._guard is not None and net._guard.param_ids != net.parameter_ids()
-        if (net._guard is None or stale) and with_grad:
+        stale = net._guard is not None and net._guard.param_ids != mine
+        if (net._guard is None or stale) and changes:
             net._arm_or_abort()  # parameters replaced mid-task (.to() with overwrite): anew
         return
-    mine = net.parameter_ids()
-    if bool(net.trained.any()) and (closure or any(id(p) in mine for p in with_grad)):
+    if bool(net.trained.any()) and changes:
         raise TaskError(
             f"optimizer step over the HAT network's parameters while no task is active: it "
             f"would change the trained tasks {net.trained_tasks()}; call net.begin_task(t) "

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 
 from .network import HATNetwork
+from .options import check_regularization
 from .schedules import mask_scale
 
 __all__ = ['train_task']
@@ -33,10 +33,7 @@ def train_task(net: HATNetwork, task_id: int, loader: Iterable, optimizer: torch
     if num_batches == 0:
         raise ValueError(f"the loader for task {task_id} is empty")
     mask_scale(num_batches - 1, num_batches, s_max=s_max, schedule=schedule)  # checks both
-    if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c < 0:
-        raise ValueError(f"the regularization strength c must be a finite number >= 0, got {c!r}")
-    if reg_mode not in ("original", "cross"):
-        raise ValueError(f"unknown reg_mode {reg_mode!r}; choose original or cross")
+    check_regularization(c, reg_mode)
     net.train()
     net.begin_task(task_id, s_max=s_max, **begin_options)
     try:
