@@ -15,7 +15,7 @@ from .layers import is_gatable
 from .network import HATNetwork
 from .report import ConversionReport, classify_tensors
 from .layout import Layout
-from .options import ConversionOptions
+from .options import DEFAULT_MASK_INIT, ConversionOptions
 from .rewrite import find_output_layer, output_layers, rewrite
 from .tracing import trace_model
 
@@ -112,7 +112,7 @@ def classifier_path(model: nn.Module, traced_default: str | None,
 
 def convert(model: nn.Module | str, num_tasks: int, *,
             num_classes: int | Sequence[int] | None = None,
-            mask_init: str = "normal", head: str | Sequence[str] | bool | None = None,
+            mask_init: str = DEFAULT_MASK_INIT, head: str | Sequence[str] | bool | None = None,
             loose: str = "task", include: str | Sequence[str] | None = None,
             exclude: str | Sequence[str] | None = None, leaves: str = "convert",
             auto_leaves: bool = False, weights: str | os.PathLike | None = None,
@@ -122,8 +122,10 @@ def convert(model: nn.Module | str, num_tasks: int, *,
     Args:
         num_tasks: how many tasks the network will learn (one gate row and copy per task).
         num_classes: classes of the head, an int or one per task (task-incremental heads).
-        mask_init: task embedding initialisation, ``normal`` N(0,1), ``uniform`` U(-1,1) or
-            ``dense`` (every unit open: the converted model computes what the original did).
+        mask_init: task embedding initialisation: ``small_normal`` N(0, 0.02^2) (training, not
+            the draw, decides which units a task opens), ``normal`` N(0,1) (the paper's),
+            ``uniform`` U(-1,1) or ``dense`` (every unit open: the converted model computes
+            what the original did).
         head: module path of the classifier (or a list, one per branch); ``None`` finds it
             (timm's ``get_classifier()``, else the last weighted layer before the output);
             ``False``: no task-indexed head.

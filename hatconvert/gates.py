@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .options import MASK_INITS, check_choice, check_regularization
+from .options import DEFAULT_MASK_INIT, MASK_INITS, check_choice, check_regularization
 
-__all__ = ['GATE_FLOOR', 'init_embedding_', 'soft_gate', 'sparsity_penalty', 'hard_gate',
-           'HATGate', 'can_fold_into_weight', 'can_fold_into_norm', 'apply_gate', 'scale_rows',
+__all__ = ['GATE_FLOOR', 'SMALL_NORMAL_STD', 'init_embedding_', 'soft_gate', 'sparsity_penalty',
+           'straight_through', 'hard_gate', 'HATGate', 'can_fold_into_weight', 'can_fold_into_norm', 'apply_gate', 'scale_rows',
            'gated_layer', 'gated_batch_norm']
 
 
@@ -23,11 +23,22 @@ __all__ = ['GATE_FLOOR', 'init_embedding_', 'soft_gate', 'sparsity_penalty', 'ha
 # float32 arithmetic downstream can tell from zero, and products of a few such gates stay normal.
 GATE_FLOOR = float(torch.finfo(torch.float32).eps)
 
+# ``small_normal``'s spread. Adaptive optimizers (Adam, AdamW, RMSprop) move an embedding by
+# about the learning rate per step whatever its gradient, so embeddings drawn from N(0, 1) keep
+# the sign they were drawn with for hundreds of steps: a task opened about half of every layer
+# because of the draw. From N(0, 0.02^2) a few dozen steps decide each sign, so the task's loss
+# and the sparsity penalty choose the units, and at s_max = 400 a typical embedding still gives
+# a gate within 0.1% of 0 or 1. Smaller spreads let whole layers drift shut together
+# (benchmarks/continual.py and issue 14's note have the sweep).
+SMALL_NORMAL_STD = 0.02
+
 
 def init_embedding_(row: torch.Tensor, mode: str, previous: torch.Tensor | None = None) -> None:
     """Fill one task's embedding row in place according to ``mode`` (see ``MASK_INITS``)."""
     with torch.no_grad():
-        if mode == "normal":
+        if mode == "small_normal":
+            row.normal_(0.0, SMALL_NORMAL_STD)
+        elif mode == "normal":
             row.normal_(0.0, 1.0)
         elif mode == "uniform":
             row.uniform_(-1.0, 1.0)
@@ -39,7 +50,7 @@ def init_embedding_(row: torch.Tensor, mode: str, previous: torch.Tensor | None 
             row.fill_(1.0)
         elif mode == "last":
             if previous is None:
-                row.normal_(0.0, 1.0)  # no previous task: the paper's N(0, 1)
+                init_embedding_(row, DEFAULT_MASK_INIT)  # no previous task
             else:
                 row.copy_(previous)
         else:
@@ -73,6 +84,14 @@ def sparsity_penalty(gates: list["HATGate"], t: int, others: list[int],
     return c * reg
 
 
+def straight_through(embedding: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+    """The exact 0/1 mask ``e > 0`` in the forward pass, ``soft``'s gradient in the backward
+    pass. Late in a task's schedule this trains the weights behind the very mask inference
+    will apply: an embedding that ends just below 0 would otherwise have trained its unit at
+    close to half strength and then be cut from it."""
+    return (embedding > 0).to(soft.dtype) + (soft - soft.detach())
+
+
 def hard_gate(embedding: torch.Tensor) -> torch.Tensor:
     """``e > 0`` as a bool tensor: applied with ``torch.where``, not multiplied, so that a closed
     unit gives exactly 0 even where a later task's free weights hold NaN or inf (``0 * nan``
@@ -83,14 +102,18 @@ def hard_gate(embedding: torch.Tensor) -> torch.Tensor:
 class HATGate(nn.Module):
     """Task embeddings ``(num_tasks, units)`` of one gated layer; ``forward`` gives the gate."""
 
-    def __init__(self, num_tasks: int, units: int, mask_init: str = "normal",
+    def __init__(self, num_tasks: int, units: int, mask_init: str = "small_normal",
                  device: torch.device | None = None):
         super().__init__()
         self.embedding = nn.Parameter(torch.empty(num_tasks, units, device=device))
         # binary mask m[t] stored when task t ends (rows of untrained tasks stay 0)
         self.register_buffer("task_masks", torch.zeros(num_tasks, units, device=device))
         for t in range(num_tasks):
-            init_embedding_(self.embedding[t], "normal" if mask_init == "last" else mask_init)
+            init_embedding_(self.embedding[t],
+                            DEFAULT_MASK_INIT if mask_init == "last" else mask_init)
+        # the mask scale from which the soft gate's forward value is the exact 0/1 mask (set by
+        # begin_task for the task being trained; None: soft values at every scale)
+        self.hard_from: float | None = None
 
     @property
     def units(self) -> int:
@@ -99,9 +122,16 @@ class HATGate(nn.Module):
 
     def forward(self, task_id: int, mask_scale: float | torch.Tensor | None = None) -> torch.Tensor:
         """The gate ``(units,)`` of ``task_id`` as the graph applies it: soft values with a
-        mask scale, a bool mask without (see ``hard_gate``)."""
+        mask scale, a bool mask without (see ``hard_gate``). From ``hard_from`` on, the soft
+        gate's value is the exact 0/1 mask and its gradient is the soft gate's (see
+        ``straight_through``)."""
         e = self.embedding[task_id]
-        return hard_gate(e) if mask_scale is None else soft_gate(e, mask_scale)
+        if mask_scale is None:
+            return hard_gate(e)
+        a = soft_gate(e, mask_scale)
+        if self.hard_from is not None and float(mask_scale) >= self.hard_from:
+            return straight_through(e, a)
+        return a
 
     def mask(self, task_id: int, mask_scale: float | torch.Tensor | None = None) -> torch.Tensor:
         """The gate vector as numbers: soft with a mask scale, exactly 0.0 or 1.0 without."""

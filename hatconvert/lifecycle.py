@@ -24,13 +24,17 @@ class TaskLifecycle:
     """``begin_task`` / ``abort_task`` / ``end_task`` / ``forget`` for ``HATNetwork``."""
 
     def begin_task(self, task_id: int, *, mask_init: str | None = None, adjustment: str = "hat",
-                   alpha: float | None = None, s_max: float = 400.0, retrain: bool = False) -> None:
+                   alpha: float | None = None, s_max: float = 400.0, retrain: bool = False,
+                   hard_from: float | None = 0.5) -> None:
         """Start training ``task_id``: initialise its embeddings and protect every trained task.
 
-        ``mask_init``: ``normal``, ``uniform``, ``U01``, ``U-10``, ``last`` (copy the previous
-        task's) or ``dense``; default: the conversion's. ``adjustment``: ``hat`` (default),
+        ``mask_init``: ``small_normal``, ``normal``, ``uniform``, ``U01``, ``U-10``, ``last``
+        (copy the previous task's) or ``dense``; default: the conversion's. ``adjustment``: ``hat`` (default),
         ``hat_random``, ``hat_const_alpha`` (needs ``alpha``) or ``hat_const_1`` (no
         protection of gated weights). ``s_max`` is the one the mask-scale schedule uses.
+        ``hard_from``: from ``hard_from * s_max`` on, training forwards apply the exact 0/1
+        masks inference applies, with the soft gates' gradient (``gates.straight_through``);
+        ``None`` keeps soft gates at every scale (the paper's).
         """
         t = self.check_task_id(task_id)
         if self.active_task is not None:
@@ -40,7 +44,7 @@ class TaskLifecycle:
             raise TaskError(f"task {t} is already trained; begin_task({t}, retrain=True) trains "
                             "it again and replaces what it learned")
         mode = mask_init or self.options.mask_init
-        check_begin_options(mode, adjustment, alpha, s_max)
+        check_begin_options(mode, adjustment, alpha, s_max, hard_from)
         gates = self.gates()
         self._task_start = {path: gate.embedding[t].detach().clone()
                             for path, gate in gates.items()}
@@ -51,6 +55,7 @@ class TaskLifecycle:
                 init_embedding_(gate.embedding[t], mode, previous)
             self.active_task = t
             self._options = dict(adjustment=adjustment, alpha=alpha, s_max=float(s_max))
+            self._set_hard_from(None if hard_from is None else float(hard_from) * s_max)
             self._needs_arming = True
             if self._example is not None:
                 self._arm_or_abort()
@@ -78,6 +83,7 @@ class TaskLifecycle:
                                   RuntimeWarning, stacklevel=2)
         self.active_task = None
         self._options = {}
+        self._set_hard_from(None)
         self._needs_arming = False
         self._task_start = None
 
@@ -106,6 +112,7 @@ class TaskLifecycle:
                 gate.task_masks[t] = (gate.embedding[t] > 0).to(gate.task_masks.dtype)
             self.trained[t] = True
         self._disarm()
+        self._set_hard_from(None)
         self.active_task = None
         self._task_start = None
         self.train(self.training)  # frozen leaves go to eval mode once a task is trained
@@ -131,6 +138,10 @@ class TaskLifecycle:
         self.train(self.training)  # frozen leaves thaw once no task is trained
         return self.capacity() - before
 
+    def _set_hard_from(self, scale: float | None) -> None:
+        for gate in self.gates().values():
+            gate.hard_from = scale
+
     def _arm(self) -> None:
         """Install gradient hooks and the step guard for the active task."""
         self._disarm()
@@ -145,7 +156,8 @@ class TaskLifecycle:
             self._guard = None
 
 
-def check_begin_options(mode: str, adjustment: str, alpha: Any, s_max: Any) -> None:
+def check_begin_options(mode: str, adjustment: str, alpha: Any, s_max: Any,
+                        hard_from: Any = None) -> None:
     """``begin_task``'s options, checked before anything changes."""
     check_choice("mask_init", mode, MASK_INITS)
     check_choice("adjustment", adjustment, ADJUSTMENTS)
@@ -153,3 +165,8 @@ def check_begin_options(mode: str, adjustment: str, alpha: Any, s_max: Any) -> N
                                                  and 0 <= alpha <= 1):
         raise OptionError(f"adjustment 'hat_const_alpha' needs alpha in [0, 1], got {alpha!r}")
     check_s_max(s_max)
+    if hard_from is not None and (isinstance(hard_from, bool)
+                                  or not isinstance(hard_from, (int, float))
+                                  or not 0 <= hard_from <= 1):
+        raise OptionError(f"hard_from must be a fraction of s_max in [0, 1] or None, "
+                          f"got {hard_from!r}")

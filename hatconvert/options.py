@@ -14,11 +14,12 @@ from typing import Any, Sequence
 
 from .errors import OptionError
 
-__all__ = ["ConversionOptions", "CONVERSION_MASK_INITS", "MASK_INITS", "LOOSE_POLICIES",
-           "LEAF_POLICIES", "check_choice", "check_regularization", "check_s_max"]
+__all__ = ["ConversionOptions", "CONVERSION_MASK_INITS", "DEFAULT_MASK_INIT", "MASK_INITS",
+           "LOOSE_POLICIES", "LEAF_POLICIES", "check_choice", "check_regularization", "check_s_max"]
 
-MASK_INITS = ("normal", "uniform", "U01", "U-10", "dense", "last")  # begin_task's modes
-CONVERSION_MASK_INITS = ("normal", "uniform", "dense")  # those that need no earlier task
+MASK_INITS = ("small_normal", "normal", "uniform", "U01", "U-10", "dense", "last")  # begin_task's
+CONVERSION_MASK_INITS = ("small_normal", "normal", "uniform", "dense")  # need no earlier task
+DEFAULT_MASK_INIT = "small_normal"  # see gates.SMALL_NORMAL_STD for why
 LOOSE_POLICIES = ("task", "freeze")
 LEAF_POLICIES = ("convert", "loose")
 
@@ -57,8 +58,9 @@ class ConversionOptions:
     num_tasks: int = field(metadata=_doc("number of tasks"))
     num_classes: int | Sequence[int] | None = field(default=None, metadata=_doc(
         "classes per task: one number for all tasks, or one per task"))
-    mask_init: str = field(default="normal", metadata=_doc(
-        "task embedding initialisation (normal N(0,1), uniform U(-1,1), dense: all units open)"))
+    mask_init: str = field(default=DEFAULT_MASK_INIT, metadata=_doc(
+        "task embedding initialisation (small_normal N(0,0.02^2): training decides every unit; "
+        "normal N(0,1), the paper's; uniform U(-1,1); dense: all units open)"))
     head: str | Sequence[str] | bool | None = field(default=None, metadata=_doc(
         "module path of the classifier (or several); None finds it, False: no head"))
     loose: str = field(default="task", metadata=_doc(

@@ -142,7 +142,7 @@ def test_an_integer_example_is_refused_only_where_the_first_layer_takes_floats(s
                                               "input is torch.int64 but the network's first "
                                               "layer 'stem' takes floating-point input"):
         hatconvert.load(edited, model=ResidualConcatNet())
-    net = hatconvert.convert(Tokens(), num_tasks=2)
+    net = hatconvert.convert(Tokens(), num_tasks=2, mask_init="normal")
     tokens = torch.randint(0, 10, (4, 5))
     train(net, torch.optim.SGD(net.parameters(), lr=0.1), 0, tokens, torch.tensor([0, 1, 2, 0]))
     hatconvert.save(net, tmp_path / "tokens.safetensors")
