@@ -129,9 +129,11 @@ class HATGate(nn.Module):
         if mask_scale is None:
             return hard_gate(e)
         a = soft_gate(e, mask_scale)
-        if self.hard_from is not None and float(mask_scale) >= self.hard_from:
-            return straight_through(e, a)
-        return a
+        if self.hard_from is None:
+            return a
+        if isinstance(mask_scale, torch.Tensor):  # no host sync, no graph break
+            return torch.where(mask_scale >= self.hard_from, straight_through(e, a), a)
+        return straight_through(e, a) if mask_scale >= self.hard_from else a
 
     def mask(self, task_id: int, mask_scale: float | torch.Tensor | None = None) -> torch.Tensor:
         """The gate vector as numbers: soft with a mask scale, exactly 0.0 or 1.0 without."""

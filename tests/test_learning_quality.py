@@ -89,3 +89,12 @@ def test_a_bad_hard_from_is_refused_before_the_task_begins(bad):
         net.begin_task(0, hard_from=bad)
     assert net.active_task is None
     assert all(g.hard_from is None for g in net.gates().values())
+
+
+def test_a_tensor_mask_scale_switches_to_exact_masks_like_a_float():
+    gate = HATGate(1, 6)
+    gate.hard_from = 200.0
+    with torch.no_grad():
+        gate.embedding[0].copy_(torch.tensor([-0.003, -0.001, 0.0, 0.0005, 0.002, 0.1]))
+    for scale in (50.0, 200.0, 400.0):
+        assert torch.equal(gate(0, torch.tensor(scale)), gate(0, scale))
