@@ -160,15 +160,18 @@ STUDY = [(1.0, None), (0.1, None), (0.05, None), (0.05, 0.5), (0.02, None), (0.0
 def study_run(std: float, hard_from: float | None, seed: int, epochs: int = 3) -> tuple:
     """Five tasks through ``train_task`` with AdamW: (min accuracy, ACC, capacity left)."""
     import hatconvert.gates as gates
-    tasks = digit_tasks(seed)
-    torch.manual_seed(seed)
     default_std = gates.SMALL_NORMAL_STD
-    gates.SMALL_NORMAL_STD = std
+    gates.SMALL_NORMAL_STD = std  # begin_task draws every task's embeddings again
     try:
-        net = hatconvert.convert(DigitsNet(), num_tasks=NUM_TASKS,
-                                 mask_init="normal" if std == 1.0 else "small_normal")
+        return _study_tasks("normal" if std == 1.0 else "small_normal", hard_from, seed, epochs)
     finally:
         gates.SMALL_NORMAL_STD = default_std
+
+
+def _study_tasks(mask_init: str, hard_from: float | None, seed: int, epochs: int) -> tuple:
+    tasks = digit_tasks(seed)
+    torch.manual_seed(seed)
+    net = hatconvert.convert(DigitsNet(), num_tasks=NUM_TASKS, mask_init=mask_init)
     optimizer = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=0.01)
     accuracies = []
     for t, task in enumerate(tasks):

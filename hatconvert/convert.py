@@ -122,10 +122,10 @@ def convert(model: nn.Module | str, num_tasks: int, *,
     Args:
         num_tasks: how many tasks the network will learn (one gate row and copy per task).
         num_classes: classes of the head, an int or one per task (task-incremental heads).
-        mask_init: task embedding initialisation: ``small_normal`` N(0, 0.02^2) (training, not
-            the draw, decides which units a task opens), ``normal`` N(0,1) (the paper's),
-            ``uniform`` U(-1,1) or ``dense`` (every unit open: the converted model computes
-            what the original did).
+        mask_init: task embedding initialisation: ``normal`` N(0,1) (the paper's),
+            ``small_normal`` N(0, 0.05^2) (training, not the draw, decides which units a task
+            opens: far more capacity left under Adam-type optimizers), ``uniform`` U(-1,1) or
+            ``dense`` (every unit open: the converted model computes what the original did).
         head: module path of the classifier (or a list, one per branch); ``None`` finds it
             (timm's ``get_classifier()``, else the last weighted layer before the output);
             ``False``: no task-indexed head.
