@@ -15,8 +15,8 @@ from torch import nn
 from .options import DEFAULT_MASK_INIT, MASK_INITS, check_choice, check_regularization
 
 __all__ = ['GATE_FLOOR', 'SMALL_NORMAL_STD', 'init_embedding_', 'soft_gate', 'sparsity_penalty',
-           'straight_through', 'hard_gate', 'HATGate', 'can_fold_into_weight', 'can_fold_into_norm', 'apply_gate', 'scale_rows',
-           'gated_layer', 'gated_batch_norm']
+           'straight_through', 'hard_gate', 'HATGate', 'can_fold_into_weight',
+           'can_fold_into_norm', 'apply_gate', 'scale_rows', 'gated_layer', 'gated_batch_norm']
 
 
 # float32's machine epsilon: a gate this far below an open unit's 1.0 contributes nothing that

@@ -28,10 +28,11 @@ class TaskLifecycle:
                    hard_from: float | None = 0.5) -> None:
         """Start training ``task_id``: initialise its embeddings and protect every trained task.
 
-        ``mask_init``: ``small_normal``, ``normal``, ``uniform``, ``U01``, ``U-10``, ``last``
-        (copy the previous task's) or ``dense``; default: the conversion's. ``adjustment``: ``hat`` (default),
-        ``hat_random``, ``hat_const_alpha`` (needs ``alpha``) or ``hat_const_1`` (no
-        protection of gated weights). ``s_max`` is the one the mask-scale schedule uses.
+        ``mask_init``: ``normal``, ``small_normal``, ``uniform``, ``U01``, ``U-10``, ``last``
+        (copy the previous task's) or ``dense``; default: the conversion's. ``adjustment``:
+        ``hat`` (default), ``hat_random``, ``hat_const_alpha`` (needs ``alpha``) or
+        ``hat_const_1`` (no protection of gated weights). ``s_max`` is the one the mask-scale
+        schedule uses.
         ``hard_from``: from ``hard_from * s_max`` on, training forwards apply the exact 0/1
         masks inference applies, with the soft gates' gradient (``gates.straight_through``);
         ``None`` keeps soft gates at every scale (the paper's).
