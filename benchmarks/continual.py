@@ -296,7 +296,7 @@ def run_one(benchmark: str, arch: str, method: str, tasks: list[Task], s: Settin
 
 
 QUICK = {"pmnist": ("mlp",), "split-mnist": ("mlp",),
-         "split-fmnist": ("alexnet", "resnet18", "convnext_atto", "vit"), "long": ("alexnet",)}
+         "split-fmnist": ("alexnet", "resnet18", "convnext_atto", "vit"), "long": ("mlp",)}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
