@@ -50,6 +50,7 @@ import continual_models as models  # noqa: E402
 
 import hatconvert  # noqa: E402
 from hatconvert.options import ConversionOptions  # noqa: E402
+from hatconvert.usage import gated_sizes  # noqa: E402
 from hatconvert.schedules import SCHEDULES  # noqa: E402
 
 BENCHMARKS = ("pmnist", "split-mnist", "split-fmnist", "long")
@@ -63,7 +64,11 @@ def read_idx(path: pathlib.Path) -> np.ndarray:
     found = next((p for p in candidates if p.exists()), None)
     if found is None:
         raise FileNotFoundError(f"{path}(.gz) not found: see --help for where the files go")
-    raw = gzip.open(found).read() if found.suffix == ".gz" else found.read_bytes()
+    if found.suffix == ".gz":
+        with gzip.open(found) as f:
+            raw = f.read()
+    else:
+        raw = found.read_bytes()
     ndim = raw[3]
     shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
@@ -199,9 +204,9 @@ def capacity_by_kind(net: hatconvert.HATNetwork) -> dict[str, float]:
     """Capacity left per gated layer, averaged by weight count over layers of the same class."""
     free: dict[str, float] = {}
     total: dict[str, float] = {}
+    sizes = gated_sizes(net)  # the weighting net.capacity() uses
     for path, left in net.layer_capacity().items():
-        kind = models.layer_kind(path)
-        n = sum(p.numel() for p in net.model.get_submodule(path).parameters(recurse=False))
+        kind, n = models.layer_kind(path), sizes[path]
         free[kind] = free.get(kind, 0.0) + left * n
         total[kind] = total.get(kind, 0.0) + n
     return {k: free[k] / total[k] for k in sorted(total)}
@@ -338,7 +343,6 @@ def main(argv=None) -> None:
     s = Settings(epochs, args.batch_size, args.lr, args.weight_decay, args.seed, args.s_max,
                  args.c, args.schedule, mask_init, args.hard_from)
     plan = QUICK.items() if quick else [(b, args.arch) for b in args.benchmark]
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     records = []
     for benchmark, archs in plan:
         tasks = make_tasks(benchmark, args.data_root, train_limit, test_limit, args.seed)

@@ -19,11 +19,7 @@ from hatconvert.gates import HATGate, soft_gate, straight_through
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import continual_digits as digits  # noqa: E402
-
-
-def unit_usage(net, t):
-    masks = net.masks(t)
-    return float(sum(m.sum() for m in masks.values()) / sum(m.numel() for m in masks.values()))
+from continual import unit_usage  # noqa: E402
 
 
 def run_two_tasks(mask_init):
