@@ -50,6 +50,7 @@ import continual_models as models  # noqa: E402
 
 import hatconvert  # noqa: E402
 from hatconvert.options import ConversionOptions  # noqa: E402
+from hatconvert.penalty import KEEP_OPEN  # noqa: E402
 from hatconvert.usage import gated_sizes  # noqa: E402
 from hatconvert.schedules import SCHEDULES  # noqa: E402
 
@@ -169,6 +170,7 @@ class Settings:
     schedule: str
     mask_init: str
     hard_from: float | None
+    keep_open: float
 
 
 def adamw(params, s: Settings) -> torch.optim.Optimizer:
@@ -184,7 +186,7 @@ def run_hat(build, tasks: list[Task], s: Settings) -> dict:
     for t, task in enumerate(tasks):
         hatconvert.train_task(net, t, loader(task, s.batch_size, s.seed + t), optimizer,
                               epochs=s.epochs, s_max=s.s_max, c=s.c, schedule=s.schedule,
-                              hard_from=s.hard_from, progress=False)
+                              hard_from=s.hard_from, keep_open=s.keep_open, progress=False)
         net.eval()
         matrix.append([accuracy(lambda x, j=j: net(x, j), tasks[j]) if j <= t else None
                        for j in range(len(tasks))])
@@ -327,6 +329,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mask-init", default=None, help="default: the converter's default")
     p.add_argument("--hard-from", type=lambda v: None if v == "none" else float(v), default=0.5,
                    help="begin_task's hard_from (a fraction of s_max, or none)")
+    p.add_argument("--keep-open", type=float, default=KEEP_OPEN,
+                   help="the penalty's floor: share of each layer's units kept open (0: off)")
     p.add_argument("--vit-depth", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("continual_results.json"))
@@ -341,7 +345,7 @@ def main(argv=None) -> None:
     test_limit = args.test_per_task or (1000 if quick else None)
     mask_init = args.mask_init or ConversionOptions.default("mask_init")
     s = Settings(epochs, args.batch_size, args.lr, args.weight_decay, args.seed, args.s_max,
-                 args.c, args.schedule, mask_init, args.hard_from)
+                 args.c, args.schedule, mask_init, args.hard_from, args.keep_open)
     plan = QUICK.items() if quick else [(b, args.arch) for b in args.benchmark]
     records = []
     for benchmark, archs in plan:

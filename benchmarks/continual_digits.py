@@ -8,7 +8,7 @@ column: task j), the average accuracy after the last task and the backward trans
 ``BWT = mean_j<T-1 (acc[T-1][j] - acc[j][j])`` side by side.
 
     python benchmarks/continual_digits.py [--epochs 10] [--seed 0]
-    python benchmarks/continual_digits.py --study [--study-epochs 10]   # the README's init study
+    python benchmarks/continual_digits.py --study [--study-epochs 3 10 20]   # the README's study
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import hatconvert
+from hatconvert.penalty import KEEP_OPEN
 
 NUM_TASKS = 5
 
@@ -152,23 +153,36 @@ def run(epochs: int = 10, batch_size: int = 32, seed: int = 0) -> dict[str, list
             "fine-tuning": run_finetune(tasks, epochs, batch_size, seed)}
 
 
-# (spread of the embedding draw, begin_task's hard_from): 1.0 is the paper's N(0, 1)
-STUDY = [(1.0, None), (0.1, None), (0.1, 0.5), (0.05, None), (0.05, 0.5), (0.02, None),
-         (0.02, 0.5), (0.01, None), (0.01, 0.5)]
+# The study's settings, each a change from the defaults (N(0, 0.02^2) draws, the penalty's floor
+# keep_open=0.05, exact masks from half of s_max, c=0.75, linear schedule); 1.0 is the paper's
+# N(0, 1) draw.
+STUDY = [("N(0,1), paper's penalty", dict(std=1.0, keep_open=0.0)),
+         ("N(0,1)", dict(std=1.0)),
+         ("N(0,0.05^2)", dict(std=0.05)),
+         ("N(0,0.02^2), paper's penalty", dict(keep_open=0.0)),
+         ("N(0,0.02^2) (default)", dict()),
+         ("N(0,0.02^2), soft gates", dict(hard_from=None)),
+         ("N(0,0.01^2)", dict(std=0.01)),
+         ("c=0.25", dict(c=0.25)),
+         ("c=2", dict(c=2.0)),
+         ("cosine schedule", dict(schedule="cosine"))]
 
 
-def study_run(std: float, hard_from: float | None, seed: int, epochs: int = 3) -> tuple:
+def study_run(change: dict, seed: int, epochs: int) -> tuple:
     """Five tasks through ``train_task`` with AdamW: (min accuracy, ACC, capacity left)."""
     import hatconvert.gates as gates
     default_std = gates.SMALL_NORMAL_STD
+    options = dict(std=default_std, keep_open=KEEP_OPEN, hard_from=0.5, c=0.75, schedule="linear")
+    options.update(change)
+    std = options.pop("std")
     gates.SMALL_NORMAL_STD = std  # begin_task draws every task's embeddings again
     try:
-        return _study_tasks("normal" if std == 1.0 else "small_normal", hard_from, seed, epochs)
+        return _study_tasks("normal" if std == 1.0 else "small_normal", seed, epochs, options)
     finally:
         gates.SMALL_NORMAL_STD = default_std
 
 
-def _study_tasks(mask_init: str, hard_from: float | None, seed: int, epochs: int) -> tuple:
+def _study_tasks(mask_init: str, seed: int, epochs: int, options: dict) -> tuple:
     tasks = digit_tasks(seed)
     torch.manual_seed(seed)
     net = hatconvert.convert(DigitsNet(), num_tasks=NUM_TASKS, mask_init=mask_init)
@@ -178,21 +192,22 @@ def _study_tasks(mask_init: str, hard_from: float | None, seed: int, epochs: int
         data = torch.utils.data.TensorDataset(task.x_train, task.y_train)
         loader = torch.utils.data.DataLoader(data, batch_size=32, shuffle=True,
                                              generator=torch.Generator().manual_seed(seed * 10 + t))
-        hatconvert.train_task(net, t, loader, optimizer, epochs=epochs, progress=False,
-                              hard_from=hard_from)
+        hatconvert.train_task(net, t, loader, optimizer, epochs=epochs, progress=False, **options)
         net.eval()
         with torch.no_grad():
             accuracies.append(accuracy(net(task.x_test, t), task.y_test))
     return min(accuracies), sum(accuracies) / NUM_TASKS, net.capacity()
 
 
-def study(seeds: int = 3, epochs: int = 3) -> None:
-    """How the spread of the embedding draw and exact late masks trade accuracy for capacity."""
-    print(f"{'init':<12}{'hard_from':>10}  per seed: min task accuracy / ACC / capacity left")
-    for std, hard_from in STUDY:
-        runs = [study_run(std, hard_from, seed, epochs) for seed in range(seeds)]
-        cells = "  ".join(f"{m:.3f}/{a:.3f}/{c:.3f}" for m, a, c in runs)
-        print(f"{f'N(0,{std}^2)':<12}{str(hard_from):>10}  {cells}")
+def study(seeds: int = 3, epochs: list[int] = (3,)) -> None:
+    """How the embedding draw, the penalty's floor, c, exact late masks and the schedule trade
+    accuracy for capacity, at each training length."""
+    print(f"{'setting':<30}{'epochs':>7}  per seed: min task accuracy / ACC / capacity left")
+    for label, change in STUDY:
+        for n in epochs:
+            runs = [study_run(change, seed, n) for seed in range(seeds)]
+            cells = "  ".join(f"{m:.3f}/{a:.3f}/{c:.3f}" for m, a, c in runs)
+            print(f"{label:<30}{n:>7}  {cells}", flush=True)
 
 
 def main() -> None:
@@ -201,8 +216,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--study", action="store_true",
-                        help="the embedding-init study: 3 seeds per setting")
-    parser.add_argument("--study-epochs", type=int, default=3, help="epochs per task in --study")
+                        help="the learning-quality study: 3 seeds per setting")
+    parser.add_argument("--study-epochs", type=int, nargs="+", default=[3],
+                        help="epochs per task in --study (several: one row each)")
     args = parser.parse_args()
     if args.study:
         study(epochs=args.study_epochs)

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .options import DEFAULT_MASK_INIT, MASK_INITS, check_choice, check_regularization
+from .options import DEFAULT_MASK_INIT, MASK_INITS, check_choice
 
-__all__ = ['GATE_FLOOR', 'SMALL_NORMAL_STD', 'init_embedding_', 'soft_gate', 'sparsity_penalty',
+__all__ = ['GATE_FLOOR', 'SMALL_NORMAL_STD', 'init_embedding_', 'soft_gate',
            'straight_through', 'hard_gate', 'HATGate', 'can_fold_into_weight',
            'can_fold_into_norm', 'apply_gate', 'scale_rows', 'gated_layer', 'gated_batch_norm']
 
@@ -23,14 +23,14 @@ __all__ = ['GATE_FLOOR', 'SMALL_NORMAL_STD', 'init_embedding_', 'soft_gate', 'sp
 # float32 arithmetic downstream can tell from zero, and products of a few such gates stay normal.
 GATE_FLOOR = float(torch.finfo(torch.float32).eps)
 
-# ``small_normal``'s spread. Adaptive optimizers (Adam, AdamW, RMSprop) move an embedding by
-# about the learning rate per step whatever its gradient, so embeddings drawn from N(0, 1) keep
-# the sign they were drawn with for hundreds of steps: a task opened about half of every layer
-# because of the draw. From N(0, 0.05^2) a few dozen steps decide each sign, so the task's loss
-# and the sparsity penalty choose the units. Smaller spreads decide faster but, over longer
-# training, let the penalty shut a whole layer whose scale a norm behind it hides from the loss
-# (benchmarks/continual_digits.py --study has the sweep).
-SMALL_NORMAL_STD = 0.05
+# ``small_normal``'s spread (the default init). Adaptive optimizers (Adam, AdamW, RMSprop) move
+# an embedding by about the learning rate per step whatever its gradient, so embeddings drawn
+# from N(0, 1) keep the sign they were drawn with for hundreds of steps: a task opened about half
+# of every layer because of the draw. From N(0, 0.02^2) a few dozen steps decide each sign, so the
+# task's loss and the sparsity penalty choose the units. Without the penalty's floor
+# (``penalty.KEEP_OPEN``) small draws let it shut a whole layer whose scale a norm behind it hides
+# from the loss (benchmarks/continual_digits.py --study has the sweep).
+SMALL_NORMAL_STD = 0.02
 
 
 def init_embedding_(row: torch.Tensor, mode: str, previous: torch.Tensor | None = None) -> None:
@@ -62,26 +62,6 @@ def soft_gate(embedding: torch.Tensor, mask_scale: float | torch.Tensor) -> torc
     a = torch.sigmoid(embedding * mask_scale)
     # a - a.detach() is exactly 0.0 in the forward pass and passes the gradient through unchanged.
     return torch.where(a < GATE_FLOOR, a - a.detach(), a)
-
-
-def sparsity_penalty(gates: list["HATGate"], t: int, others: list[int],
-                     mask_scale: float | torch.Tensor, c: float = 0.75,
-                     mode: str = "original") -> torch.Tensor:
-    """``c`` times HAT's penalty on task ``t``'s soft gates: the mean gate over the units no
-    task in ``others`` uses (``cross`` also rewards reusing the units they use)."""
-    check_regularization(c, mode)
-    free_sum = free_count = used_sum = used_count = 0.0
-    for gate in gates:
-        a = soft_gate(gate.embedding[t], mask_scale)
-        used = gate.cumulative(others)
-        free_sum = free_sum + (a * (1 - used)).sum()
-        free_count += float((1 - used).sum())
-        used_sum = used_sum + (a * used).sum()
-        used_count += float(used.sum())
-    reg = free_sum / free_count if free_count else torch.zeros(())
-    if mode == "cross" and used_count:
-        reg = (reg + (1 - used_sum / used_count)) / 2
-    return c * reg
 
 
 def straight_through(embedding: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:

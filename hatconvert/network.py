@@ -10,11 +10,12 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import HATError, TaskError
-from .gates import HATGate, sparsity_penalty
+from .gates import HATGate
 from .layers import input_features, updates_statistics
 from .layout import Layout
 from .lifecycle import TaskLifecycle
 from .options import ConversionOptions
+from .penalty import KEEP_OPEN, sparsity_penalty
 from .propagation import input_masks
 from .protection import Guard
 from .report import ConversionReport
@@ -188,16 +189,19 @@ class HATNetwork(TaskLifecycle, nn.Module):
 
     # -- regularization, capacity, usage (the work lives in gates.py and usage.py) ------------
     def regularization(self, task_id: int, mask_scale: float, c: float = 0.75,
-                       mode: str = "original") -> torch.Tensor:
+                       mode: str = "original", keep_open: float = KEEP_OPEN) -> torch.Tensor:
         """``c`` times HAT's sparsity penalty on task ``task_id``'s soft gates at ``mask_scale``.
 
         ``original``: mean gate value over units no other trained task uses; ``cross`` also
         rewards reusing the units other tasks use (averages with ``1 - mean gate over them``).
+        ``keep_open``: each layer's most open ``ceil(keep_open * units)`` units are pulled open
+        instead, so no task can shut a layer (see ``penalty``); 0 gives the paper's penalty.
         """
         t = self.check_task_id(task_id)
         check_mask_scale(mask_scale)
         others = self.trained_tasks(excluding=t)
-        return sparsity_penalty(list(self.gates().values()), t, others, mask_scale, c, mode)
+        return sparsity_penalty(list(self.gates().values()), t, others, mask_scale, c, mode,
+                                keep_open)
 
     def layer_capacity(self, tasks: list[int] | None = None) -> dict[str, float]:
         """Per gated layer, the fraction of weights and biases still free to train: where the

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from .network import HATNetwork
 from .options import check_regularization
+from .penalty import KEEP_OPEN, check_keep_open
 from .schedules import mask_scale
 
 __all__ = ['train_task']
@@ -17,13 +18,15 @@ __all__ = ['train_task']
 def train_task(net: HATNetwork, task_id: int, loader: Iterable, optimizer: torch.optim.Optimizer,
                *, epochs: int = 1, loss_fn: Callable[..., torch.Tensor] = F.cross_entropy,
                schedule: str = "linear", s_max: float = 400.0, c: float = 0.75,
-               reg_mode: str = "original", clip_grad_norm: float | None = 10000.0,
+               reg_mode: str = "original", keep_open: float = KEEP_OPEN,
+               clip_grad_norm: float | None = 10000.0,
                device: torch.device | str | None = None, progress: bool = True,
                **begin_options: Any) -> list[float]:
     """Train task ``task_id`` on ``loader`` (batches of ``(x, y)``) and end it.
 
     Runs ``begin_task``, ``epochs`` passes with the mask-scale ``schedule`` restarted every
-    epoch, the loss plus ``c`` times the sparsity regularization, and ``end_task``. The
+    epoch, the loss plus ``c`` times the sparsity regularization (``reg_mode``, ``keep_open``:
+    see ``HATNetwork.regularization``), and ``end_task``. The
     optimizer may be kept across tasks. Returns the mean loss of each epoch. Arguments are
     checked before the task begins; if training raises, the task is aborted (``abort_task``).
     """
@@ -34,11 +37,12 @@ def train_task(net: HATNetwork, task_id: int, loader: Iterable, optimizer: torch
         raise ValueError(f"the loader for task {task_id} is empty")
     mask_scale(num_batches - 1, num_batches, s_max=s_max, schedule=schedule)  # checks both
     check_regularization(c, reg_mode)
+    check_keep_open(keep_open)
     net.train()
     net.begin_task(task_id, s_max=s_max, **begin_options)
     try:
-        losses = _epochs(net, task_id, loader, optimizer, epochs, loss_fn, schedule, s_max, c,
-                         reg_mode, clip_grad_norm, device, progress)
+        losses = _epochs(net, task_id, loader, optimizer, epochs, loss_fn, schedule, s_max,
+                         (c, reg_mode, keep_open), clip_grad_norm, device, progress)
     except BaseException:
         net.abort_task()  # trained tasks are untouched; this one is not marked trained
         raise
@@ -48,7 +52,7 @@ def train_task(net: HATNetwork, task_id: int, loader: Iterable, optimizer: torch
 
 def _epochs(net: HATNetwork, task_id: int, loader: Iterable, optimizer: torch.optim.Optimizer,
             epochs: int, loss_fn: Callable[..., torch.Tensor], schedule: str, s_max: float,
-            c: float, reg_mode: str, clip_grad_norm: float | None,
+            penalty: tuple[float, str, float], clip_grad_norm: float | None,
             device: torch.device | str | None, progress: bool) -> list[float]:
     num_batches = len(loader)  # type: ignore[arg-type]
     bar = _progress(epochs * num_batches, f"task {task_id}", progress)
@@ -59,7 +63,7 @@ def _epochs(net: HATNetwork, task_id: int, loader: Iterable, optimizer: torch.op
             if device is not None:
                 x, y = x.to(device), y.to(device)
             s = mask_scale(b, num_batches, s_max=s_max, schedule=schedule)
-            loss = loss_fn(net(x, task_id, s), y) + net.regularization(task_id, s, c, reg_mode)
+            loss = loss_fn(net(x, task_id, s), y) + net.regularization(task_id, s, *penalty)
             optimizer.zero_grad()
             loss.backward()
             if clip_grad_norm is not None:

@@ -129,15 +129,15 @@ def test_regularization_is_the_mean_gate_for_task0_and_counts_only_free_units_la
     net = hatconvert.convert(ResidualConcatNet(), num_tasks=2)
     gates = list(net.gates().values())
     a = torch.cat([torch.sigmoid(g.embedding[0] * 3.0) for g in gates])
-    assert torch.allclose(net.regularization(0, 3.0, c=1.0), a.mean())
+    assert torch.allclose(net.regularization(0, 3.0, c=1.0, keep_open=0.0), a.mean())
     net.begin_task(0)
     net.end_task()
     a1 = torch.cat([torch.sigmoid(g.embedding[1] * 3.0) for g in gates])
     used = torch.cat([g.task_masks[0] for g in gates])
     expected = (a1 * (1 - used)).sum() / (1 - used).sum()
-    assert torch.allclose(net.regularization(1, 3.0, c=0.5), 0.5 * expected)
+    assert torch.allclose(net.regularization(1, 3.0, c=0.5, keep_open=0.0), 0.5 * expected)
     cross = (expected + (1 - (a1 * used).sum() / used.sum())) / 2
-    assert torch.allclose(net.regularization(1, 3.0, c=1.0, mode="cross"), cross)
+    assert torch.allclose(net.regularization(1, 3.0, c=1.0, mode="cross", keep_open=0.0), cross)
 
 
 def test_task_lifecycle_refuses_out_of_order_use():
@@ -184,7 +184,7 @@ def test_begin_task_initialises_embeddings(mode):
     net.begin_task(1, mask_init=mode)
     e0, e1 = net.gates()["fc"].embedding[0], net.gates()["fc"].embedding[1]
     checks = {
-        "small_normal": lambda: 0.03 < e1.std() < 0.08 and e1.min() < 0 < e1.max(),
+        "small_normal": lambda: 0.01 < e1.std() < 0.03 and e1.min() < 0 < e1.max(),
         "normal": lambda: e1.std() > 0.3,
         "uniform": lambda: e1.min() >= -1 and e1.max() <= 1 and e1.min() < 0 < e1.max(),
         "U01": lambda: e1.min() >= 0 and e1.max() <= 1,
