@@ -153,19 +153,20 @@ def run(epochs: int = 10, batch_size: int = 32, seed: int = 0) -> dict[str, list
             "fine-tuning": run_finetune(tasks, epochs, batch_size, seed)}
 
 
-# The study's settings, each a change from the defaults (N(0, 0.02^2) draws, the penalty's floor
+# The study's settings, each a change from the defaults (N(0, 0.05^2) draws, the penalty's floor
 # keep_open=0.05, exact masks from half of s_max, c=0.75, linear schedule); 1.0 is the paper's
 # N(0, 1) draw.
 STUDY = [("N(0,1), paper's penalty", dict(std=1.0, keep_open=0.0)),
          ("N(0,1)", dict(std=1.0)),
-         ("N(0,0.05^2)", dict(std=0.05)),
-         ("N(0,0.02^2), paper's penalty", dict(keep_open=0.0)),
-         ("N(0,0.02^2) (default)", dict()),
-         ("N(0,0.02^2), soft gates", dict(hard_from=None)),
+         ("N(0,0.05^2) (default)", dict()),
+         ("N(0,0.05^2), paper's penalty", dict(keep_open=0.0)),
+         ("N(0,0.02^2), paper's penalty", dict(std=0.02, keep_open=0.0)),
+         ("N(0,0.02^2)", dict(std=0.02)),
+         ("N(0,0.02^2), soft gates", dict(std=0.02, hard_from=None)),
          ("N(0,0.01^2)", dict(std=0.01)),
-         ("c=0.25", dict(c=0.25)),
-         ("c=2", dict(c=2.0)),
-         ("cosine schedule", dict(schedule="cosine"))]
+         ("N(0,0.02^2), c=0.25", dict(std=0.02, c=0.25)),
+         ("N(0,0.02^2), c=2", dict(std=0.02, c=2.0)),
+         ("N(0,0.02^2), cosine schedule", dict(std=0.02, schedule="cosine"))]
 
 
 def study_run(change: dict, seed: int, epochs: int) -> tuple:

@@ -19,7 +19,7 @@ __all__ = ["ConversionOptions", "CONVERSION_MASK_INITS", "DEFAULT_MASK_INIT", "M
 
 MASK_INITS = ("small_normal", "normal", "uniform", "U01", "U-10", "dense", "last")  # begin_task's
 CONVERSION_MASK_INITS = ("small_normal", "normal", "uniform", "dense")  # need no earlier task
-DEFAULT_MASK_INIT = "small_normal"  # N(0, 0.02^2): see gates.SMALL_NORMAL_STD; "normal" is the paper's
+DEFAULT_MASK_INIT = "small_normal"  # N(0, 0.05^2): see gates.SMALL_NORMAL_STD; "normal" is the paper's
 LOOSE_POLICIES = ("task", "freeze")
 LEAF_POLICIES = ("convert", "loose")
 
@@ -59,7 +59,7 @@ class ConversionOptions:
     num_classes: int | Sequence[int] | None = field(default=None, metadata=_doc(
         "classes per task: one number for all tasks, or one per task"))
     mask_init: str = field(default=DEFAULT_MASK_INIT, metadata=_doc(
-        "task embedding initialisation (small_normal N(0,0.02^2), the default: training decides "
+        "task embedding initialisation (small_normal N(0,0.05^2), the default: training decides "
         "every unit, far more capacity left under Adam-type optimizers; normal N(0,1), the "
         "paper's; uniform U(-1,1); dense: all units open)"))
     head: str | Sequence[str] | bool | None = field(default=None, metadata=_doc(
