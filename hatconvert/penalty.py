@@ -6,10 +6,8 @@ the loss is the same for ``a`` and ``2a``), the task's gradient has no component
 shrinking all of that layer's gates together. Under Adam-type optimizers, which move every
 embedding by about the learning rate per step, the penalty then shuts the whole layer in a few
 hundred steps, and the task is at chance (benchmarks/continual_digits.py --study). The floor:
-each layer's ``ceil(keep_open * units)`` units are pulled open instead of shut, so no task can
-close a layer, while the rest of the layer is penalised as in the paper. The floor takes units
-that earlier tasks use first (free to reuse), then the most open free units: a floor of fresh
-units would take 5 % of every layer from each task.
+each layer's ``ceil(keep_open * units)`` most open units are pulled open instead of shut, so no
+task can close a layer, while the rest of the layer is penalised as in the paper.
 """
 
 from __future__ import annotations
@@ -31,7 +29,6 @@ __all__ = ['KEEP_OPEN', 'check_keep_open', 'kept_open', 'sparsity_penalty']
 # The share of each gated layer's units that the penalty keeps open (at least one unit). 5 % costs
 # little: trained long, tasks settle at this floor in the layers a norm hides from the loss.
 KEEP_OPEN = 0.05
-REUSE_BONUS = 100.0
 
 
 def check_keep_open(keep_open: Any) -> None:
@@ -42,17 +39,12 @@ def check_keep_open(keep_open: Any) -> None:
                           f"got {keep_open!r}")
 
 
-def kept_open(embedding: torch.Tensor, keep_open: float,
-              used: torch.Tensor | None = None) -> torch.Tensor:
-    """1.0 at the ``ceil(keep_open * units)`` units of one layer the floor keeps open, 0.0
-    elsewhere: units that ``used`` marks first (reusing them costs no capacity), then the
-    largest embeddings. Embeddings stay within +-6, so a bonus of 100 ranks every used unit
-    above every free one."""
+def kept_open(embedding: torch.Tensor, keep_open: float) -> torch.Tensor:
+    """1.0 at the ``ceil(keep_open * units)`` largest embeddings of one layer, 0.0 elsewhere."""
     k = math.ceil(keep_open * embedding.shape[0])
     keep = torch.zeros_like(embedding)
     if k:
-        rank = embedding.detach() if used is None else embedding.detach() + REUSE_BONUS * used
-        keep[rank.topk(k).indices] = 1.0
+        keep[embedding.detach().topk(k).indices] = 1.0
     return keep
 
 
@@ -62,9 +54,8 @@ def sparsity_penalty(gates: list["HATGate"], t: int, others: list[int],
     """``c`` times HAT's penalty on task ``t``'s soft gates: the gates of the units no task in
     ``others`` uses, over their number (``cross`` also rewards reusing the units they use).
 
-    The ``keep_open`` floor swaps the penalty ``a`` of each layer's kept units (``kept_open``:
-    reused ones first, then the most open) for ``1 - a`` (same strength, opposite pull);
-    ``keep_open=0`` is the paper's penalty.
+    The ``keep_open`` floor swaps the penalty ``a`` of each layer's most open units for
+    ``1 - a`` (same strength, opposite pull); ``keep_open=0`` is the paper's penalty.
     """
     check_regularization(c, mode)
     check_keep_open(keep_open)
@@ -74,7 +65,7 @@ def sparsity_penalty(gates: list["HATGate"], t: int, others: list[int],
         e = gate.embedding[t]
         a = soft_gate(e, mask_scale)
         used = gate.cumulative(others)
-        keep = kept_open(e, keep_open, used)
+        keep = kept_open(e, keep_open)
         free_sum = free_sum + (a * (1 - used) * (1 - keep)).sum() + (keep * (1 - a)).sum()
         free_count += float((1 - used).sum())
         used_sum = used_sum + (a * used).sum()
