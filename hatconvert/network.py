@@ -187,7 +187,7 @@ class HATNetwork(TaskLifecycle, nn.Module):
                 masks[path] = torch.ones(input_features(self.model.get_submodule(path)))
         return masks
 
-    # -- regularization, capacity, usage (the work lives in gates.py and usage.py) ------------
+    # -- regularization, capacity, usage (the work lives in penalty.py and usage.py) ----------
     def regularization(self, task_id: int, mask_scale: float, c: float = 0.75,
                        mode: str = "original", keep_open: float = KEEP_OPEN) -> torch.Tensor:
         """``c`` times HAT's sparsity penalty on task ``task_id``'s soft gates at ``mask_scale``.
