@@ -21,6 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .example import INDEX_DTYPES, MAX_EXAMPLE_ELEMENTS, check_spec
 from .errors import CheckpointError, HATError, one_line
 from .layers import output_units
 from .gates import closed_rows_zeroed, gated_layer
@@ -166,9 +167,11 @@ def to_json(value: Any, what: str, path: str) -> str:
 def metadata(net: HATNetwork, aliases: dict[str, str], path: str) -> dict[str, str]:
     """The string metadata a checkpoint stores beside the tensors (how to rebuild the network)."""
     from . import __version__
-    spec = net.example_spec()
-    example = None if spec is None else {"shape": list(spec[0]),
-                                         "dtype": str(spec[1]).removeprefix("torch.")}
+    calls = net.example_calls_spec()
+    example = None if not calls else {"calls": calls}
+    if len(calls) == 1 and not calls[0]["given"] and "shape" in calls[0]["input"] \
+            and calls[0]["inputs"] == {"dict": {}}:
+        example = calls[0]["input"]  # one tensor input: the form every version reads
     return {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
@@ -178,7 +181,8 @@ def metadata(net: HATNetwork, aliases: dict[str, str], path: str) -> dict[str, s
         "tasks_trained": json.dumps(net.trained_tasks()),
         "config": to_json(net.config, "the conversion config", path),
         "classes_per_task": json.dumps(classes_per_task(net)),
-        "example": json.dumps(example),
+        "example": to_json(example, "the example input", path),
+        "protected": json.dumps(net._protected_once),
         "gated": json.dumps(net.layout.modes()),
         "aliases": json.dumps(aliases, sort_keys=True),
     }
@@ -291,6 +295,8 @@ def parse_metadata(path: str, meta: dict[str, str]) -> dict[str, Any]:
     try:
         for key in REQUIRED[2:]:
             out[key] = json.loads(meta[key])
+        if "protected" in meta:  # older files lack it: load() infers it from the tasks
+            out["protected"] = json.loads(meta["protected"]) is True
         kinds = {"config": dict, "source": dict, "gated": dict, "aliases": dict,
                  "tasks_trained": list, "num_tasks": int}
         for key, kind in kinds.items():
@@ -391,36 +397,34 @@ def check_architecture(path: str, net: HATNetwork, header: dict[str, dict], info
                               f"(first difference: {diff[0][0]!r})")
 
 
-MAX_EXAMPLE_ELEMENTS = 2 ** 28  # one input sample; more is a damaged or edited header
-INDEX_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+def parse_example(path: str, example: Any) -> list[dict[str, Any]] | None:
+    """The example calls from the metadata, checked before anything is built.
 
-
-def parse_example(path: str, example: Any) -> tuple[list[int], torch.dtype] | None:
-    """The example input's shape and dtype from the metadata, checked before anything is built.
-
-    Dimensions must be ints >= 0 with at most ``MAX_EXAMPLE_ELEMENTS`` elements in all. The
-    dtype must name a torch dtype: floating (images, audio), or integer or bool (token ids);
-    an integer example for a network whose first layer takes floats is refused by
-    ``example_dtype`` once the network is built.
+    Each call gives its first input and its other inputs as specs (``example.check_spec``):
+    tensors by shape (ints >= 0, at most ``MAX_EXAMPLE_ELEMENTS`` elements) and a floating,
+    integer or bool dtype; tuples, lists and dicts of them; plain constants. A file with one
+    tensor input stores just that tensor's spec.
     """
     if example is None:
         return None
     shown = repr(example) if len(repr(example)) <= 120 else repr(example)[:120] + "..."
     damaged = f"{path!r} has a damaged header: example input {shown}"
-    if not isinstance(example, dict) or not isinstance(example.get("shape"), list):
+    if isinstance(example, dict) and "shape" in example:
+        example = {"calls": [{"given": [], "input": example, "inputs": {"dict": {}}}]}
+    calls = example.get("calls") if isinstance(example, dict) else None
+    if not isinstance(calls, list) or not all(
+            isinstance(c, dict) and set(c) == {"given", "input", "inputs"}
+            and isinstance(c["given"], list) and all(isinstance(n, str) for n in c["given"])
+            for c in calls):
         raise CheckpointError(f"{damaged} (expected a shape list and a dtype name)")
-    shape = example["shape"]
-    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
-        raise CheckpointError(f"{damaged}: every dimension must be an int >= 0")
-    if math.prod(shape) > MAX_EXAMPLE_ELEMENTS or max(shape, default=0) > MAX_EXAMPLE_ELEMENTS:
-        raise CheckpointError(f"{damaged}: more elements than one input sample can hold (at "
-                              f"most {MAX_EXAMPLE_ELEMENTS})")
-    name = example.get("dtype")
-    dtype = getattr(torch, name, None) if isinstance(name, str) else None
-    if not (isinstance(dtype, torch.dtype) and (dtype.is_floating_point or dtype in INDEX_DTYPES)):
-        raise CheckpointError(f"{damaged}: dtype {name!r} is not a floating, integer or bool "
-                              "torch dtype")
-    return shape, dtype
+    for call in calls:
+        try:
+            check_spec(call["input"]), check_spec(call["inputs"])
+        except ValueError as exc:
+            raise CheckpointError(f"{damaged}: {exc}") from None
+        if "dict" not in call["inputs"]:
+            raise CheckpointError(f"{damaged}: the named inputs must be a dict")
+    return calls
 
 
 def example_dtype(path: str, net: HATNetwork, dtype: torch.dtype) -> torch.dtype:
@@ -491,8 +495,22 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *,
     check_architecture(path, net, header, info, model)
     load_tensors(path, net, info, target_device)
     if example is not None:
-        net.set_example(example[0], example_dtype(path, net, example[1]))
+        restore_examples(path, net, example)
+    net._protected_once = info.get("protected", len(net.trained_tasks()) > 1)
     return net.eval()
+
+
+def restore_examples(path: str, net: HATNetwork, calls: list[dict[str, Any]]) -> None:
+    """The example calls of the file, as zeros, a float first input in the network's dtype."""
+    for call in calls:
+        spec = call["input"]
+        if "shape" in spec:
+            dtype = example_dtype(path, net, getattr(torch, spec["dtype"]))
+            call["input"] = dict(spec, dtype=str(dtype).removeprefix("torch."))
+    try:
+        net.set_example_calls(calls)
+    except ValueError as exc:
+        raise CheckpointError(f"{path!r} does not fit the network: {exc}") from None
 
 
 def load_tensors(path: str, net: HATNetwork, info: dict[str, Any],

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import os
 from typing import Any, Sequence
 
+import torch.fx as fx
 from torch import nn
 
 from .errors import ConversionError, one_line
@@ -17,11 +19,11 @@ from .report import ConversionReport, classify_tensors
 from .layout import Layout
 from .options import DEFAULT_MASK_INIT, ConversionOptions
 from .rewrite import find_output_layer, output_layers, rewrite
-from .tracing import trace_model
+from .tracing import Traced, trace_model
 
 __all__ = ['WEIGHT_KWARGS', 'check_weights_file', 'create_timm_model', 'classifier_path',
            'convert', 'convert_with_options', 'source_model', 'find_head', 'check_not_converted',
-           'nothing_gated', 'unused_tensors']
+           'nothing_gated', 'unused_tensors', 'rewrite_variants']
 
 
 
@@ -160,20 +162,56 @@ def convert_with_options(model: nn.Module | str, options: ConversionOptions, *,
     gm = traced.gm
     head_path = find_head(model, gm, options, name)
     original_keys = list(model.state_dict())
-    layout = rewrite(gm, options.num_tasks, head=head_path, head_classes=options.num_classes,
-                     mask_init=options.mask_init, loose=options.loose, include=options.include,
-                     exclude=options.exclude, leaves=options.leaves)
+    layout = _rewrite(gm, options, head_path)
+    variants = rewrite_variants(traced, layout, options, head_path)
     layout.record_source(original_keys, traced.mode_dependent, traced.auto_leaves,
                          unused_tensors(model, gm, layout))
+    layout.signature = traced.signature
     dropped = set(layout.dropped)  # the overhead compares what the network holds
     original_params = sum(p.numel() for n, p in model.named_parameters() if n not in dropped)
     if not layout.gated:
         raise nothing_gated(model, name, head_path, options.include, options.exclude)
     report = ConversionReport(layout, options.num_tasks, original_params,
                               sum(p.numel() for p in gm.parameters()),
-                              classify_tensors(gm, layout))
+                              classify_tensors(gm, layout),
+                              [n for n, p in gm.named_parameters() if not p.requires_grad])
     found = dataclasses.replace(options, head=head_path)  # None: no head was found
-    return HATNetwork(gm, layout, report, found, source)
+    return HATNetwork(gm, layout, report, found, source, variants)
+
+
+def _rewrite(gm: fx.GraphModule, options: ConversionOptions, head: str | list[str] | None
+             ) -> Layout:
+    return rewrite(gm, options.num_tasks, head=head, head_classes=options.num_classes,
+                   mask_init=options.mask_init, loose=options.loose, include=options.include,
+                   exclude=options.exclude, leaves=options.leaves)
+
+
+def rewrite_variants(traced: Traced, layout: Layout, options: ConversionOptions,
+                     head: str | list[str] | None) -> dict[tuple[str, ...], fx.Graph]:
+    """Rewrite the graph of each set of optional inputs as the main graph was rewritten.
+
+    A variant must gate, index and freeze exactly what the main graph does, so that it runs
+    over the main graph's modules; an optional input whose graph differs (it calls a layer the
+    default call does not) stays fixed at ``None`` and the report says why.
+    """
+    signature, graphs = traced.signature, {}
+    for key in sorted(traced.variants, key=len):
+        if not set(key) <= set(signature.optional):
+            continue
+        gm = traced.variants[key]
+        try:
+            same = _rewrite(gm, options, head).structure() == layout.structure()
+        except ConversionError:
+            same = False
+        if not same:
+            name = key[-1]
+            signature.optional.remove(name)
+            signature.fixed[name] = None
+            signature.reasons[name] = ("given, the model uses layers or tensors the call "
+                                       "without it does not")
+            continue
+        graphs[key] = copy.deepcopy(gm.graph)
+    return {k: g for k, g in graphs.items() if set(k) <= set(signature.optional)}
 
 
 def source_model(model: nn.Module | str, options: ConversionOptions,

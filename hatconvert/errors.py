@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 __all__ = ['HATError', 'ConversionError', 'OptionError', 'TaskError', 'CheckpointError',
-           'ExportError', 'one_line']
+           'ExportError', 'InputError', 'one_line']
 
 
 class HATError(Exception):
@@ -23,6 +23,11 @@ class OptionError(ConversionError, ValueError):
 
 class TaskError(HATError, ValueError):
     """A task id or task sequence is invalid (out of range, out of order)."""
+
+
+class InputError(HATError, TypeError):
+    """A call gives an input the converted network does not take, or one that tracing fixed at
+    another value; the message names the input."""
 
 
 class CheckpointError(HATError):

@@ -130,7 +130,7 @@ def gates_behind_norms(net: HATNetwork, t: int) -> dict[str, bool]:
     try:
         net.eval()
         with torch.no_grad():
-            net(example, t)
+            net(example[0], t, **example[1])
     finally:
         net.train(training)
         for handle in handles:

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from .inputs import Signature
+
 __all__ = ["GATES", "PARAMS", "GatePlacement", "GatedLayer", "Layout"]
 
 GATES = "hat_gates"    # the graph module's container of every HATGate
@@ -87,6 +89,7 @@ class Layout:
     dropped: list[str] = field(default_factory=list)  # model tensors the network does not hold
     auto_leaves: list[str] = field(default_factory=list)  # submodules kept whole to trace
     mode_dependent: bool = False  # train and eval graphs differ: the eval graph is kept
+    signature: Signature = field(default_factory=Signature)  # the inputs (inputs.py)
 
     def record_source(self, original_keys: list[str], mode_dependent: bool,
                       auto_leaves: list[str], dropped: list[str]) -> None:
@@ -97,6 +100,16 @@ class Layout:
         self.mode_dependent = bool(mode_dependent)
         self.auto_leaves = list(auto_leaves)
         self.dropped = list(dropped)
+
+    def structure(self) -> tuple:
+        """What a graph of the same model must share to run over these converted modules: the
+        gated layers and their gates, and every task-indexed, frozen and constant path."""
+        gated = sorted((p, g.gate, GatePlacement(g.mode).value, g.norm, g.leaf)
+                       for p, g in self.gated.items())
+        return (gated, sorted(self.norms), sorted(self.heads), sorted(self.task_leaves),
+                sorted(self.frozen_leaves), sorted(self.task_params.items()),
+                sorted(self.frozen_parameters()), sorted(self.constant_buffers),
+                sorted(self.frozen_tensors), sorted(self.converted_leaves))
 
     def task_indexed_modules(self) -> list[str]:
         """Paths of the ``TaskIndexed`` modules: norms, heads and leaves with one copy per task."""

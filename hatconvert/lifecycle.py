@@ -58,7 +58,7 @@ class TaskLifecycle:
             self._options = dict(adjustment=adjustment, alpha=alpha, s_max=float(s_max))
             self._set_hard_from(None if hard_from is None else float(hard_from) * s_max)
             self._needs_arming = True
-            if self._example is not None:
+            if self.has_example():
                 self._arm_or_abort()
         except BaseException:
             self.abort_task()
@@ -148,6 +148,8 @@ class TaskLifecycle:
         self._disarm()
         self._guard = arm_task(self)
         self._needs_arming = False
+        if self.trained_tasks(excluding=self.active_task):
+            self._protected_once = True  # from now on no new kind of call (calls.py)
 
     def _disarm(self) -> None:
         """Put the held entries back one last time, then remove the protection."""

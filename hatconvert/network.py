@@ -9,14 +9,16 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import HATError, TaskError
+from .calls import CallRouting
+from .errors import TaskError
+from .example import ExampleCall
 from .gates import HATGate
-from .layers import input_features, updates_statistics
+from .inputs import VariantGraphs
+from .layers import updates_statistics
 from .layout import Layout
 from .lifecycle import TaskLifecycle
 from .options import ConversionOptions
 from .penalty import KEEP_OPEN, sparsity_penalty
-from .propagation import input_masks
 from .protection import Guard
 from .report import ConversionReport
 from .steps import watch
@@ -25,7 +27,7 @@ from .usage import layer_capacity, mask_usage, overall_capacity
 __all__ = ['HATNetwork', 'check_mask_scale']
 
 
-class HATNetwork(TaskLifecycle, nn.Module):
+class HATNetwork(TaskLifecycle, CallRouting, nn.Module):
     """A HAT network: ``net(x, task_id, mask_scale=None)``.
 
     ``mask_scale=None`` gives hard 0/1 gates (inference); a positive mask scale gives the soft
@@ -35,7 +37,8 @@ class HATNetwork(TaskLifecycle, nn.Module):
     """
 
     def __init__(self, model: fx.GraphModule, layout: Layout, report: ConversionReport,
-                 options: ConversionOptions, source: dict[str, Any]):
+                 options: ConversionOptions, source: dict[str, Any],
+                 variants: dict[tuple[str, ...], fx.Graph] | None = None):
         super().__init__()
         self.model = model
         self.layout = layout
@@ -48,7 +51,9 @@ class HATNetwork(TaskLifecycle, nn.Module):
         self._options: dict[str, Any] = {}
         self._guard: Guard | None = None
         self._needs_arming = False
-        self._example: torch.Tensor | None = None  # one input sample: shapes for propagation
+        self._variants = VariantGraphs(variants)  # a graph per set of optional inputs given
+        self._examples: dict[tuple[str, ...], ExampleCall] = {}  # per graph: shapes to propagate
+        self._protected_once = False  # trained tasks were protected: no new kind of call
         self._last_scale: float | None = None
         self._task_start: dict[str, torch.Tensor] | None = None  # embedding rows at begin_task
         self._task_trained_on = False  # a forward of the active task with gradients ran
@@ -95,13 +100,22 @@ class HATNetwork(TaskLifecycle, nn.Module):
             self._check_statistics_kept(t)
         if self._guard is not None and t != self.active_task:
             self._guard.restore()  # undo changes made outside a hooked optimizer step
-        if self._example is None and isinstance(x, torch.Tensor):
-            self._example = x[:1].detach().clone()
+        graph, inputs = self._route(x, inputs)
         if self._needs_arming:
             self._arm_or_abort()
         if t == self.active_task and torch.is_grad_enabled():
             self._task_trained_on = True
-        return self.model(x, **inputs, task_id=t, mask_scale=mask_scale)
+        return graph(x, **inputs, task_id=t, mask_scale=mask_scale)
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "HATNetwork":
+        """``.to()``, ``.half()`` and the like may replace tensors: rebuild the variants."""
+        self._variants.invalidate()
+        return super()._apply(fn, *args, **kwargs)
+
+    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        """``nn.Module.load_state_dict``; graphs of optional inputs are rebuilt afterwards."""
+        self._variants.invalidate()
+        return super().load_state_dict(*args, **kwargs)
 
     def _check_training_forward(self, t: int, mask_scale: Any) -> None:
         """Refuse training-mode forwards that would change what a trained task computes."""
@@ -148,44 +162,6 @@ class HATNetwork(TaskLifecycle, nn.Module):
     def trained_tasks(self, excluding: int | None = None) -> list[int]:
         """The trained task ids in order, without ``excluding``."""
         return [t for t in range(self.num_tasks) if bool(self.trained[t]) and t != excluding]
-
-    def example_spec(self) -> tuple[tuple[int, ...], torch.dtype] | None:
-        """Shape and dtype of the example input that propagation uses; None before a forward."""
-        if self._example is None:
-            return None
-        return tuple(self._example.shape), self._example.dtype
-
-    def example_input(self) -> torch.Tensor | None:
-        """The example input on the network's device, in its float dtype (after ``.half()``)."""
-        example = self._example
-        param = next(self.parameters(), None)
-        if example is not None and param is not None and example.is_floating_point() \
-                and param.is_floating_point():
-            example = example.to(device=param.device, dtype=param.dtype)
-        return example
-
-    def set_example(self, shape: tuple[int, ...] | list[int],
-                    dtype: torch.dtype = torch.float32) -> None:
-        """Use zeros of ``shape`` as the example input (a reloaded network has seen no input).
-
-        Propagation reads only shapes from the example, never values, so zeros protect exactly
-        what the original sample did.
-        """
-        param = next(self.parameters(), None)
-        device = param.device if param is not None else None
-        self._example = torch.zeros(tuple(int(n) for n in shape), dtype=dtype, device=device)
-
-    def input_masks(self, out_masks: dict[str, torch.Tensor], task_id: int
-                    ) -> dict[str, torch.Tensor]:
-        """Per gated layer, which input features use units in ``out_masks`` (propagation)."""
-        if self._example is None:
-            raise HATError("the network has not seen an input yet: run one forward pass so "
-                           "that masks can be propagated through the graph")
-        masks = input_masks(self.model, self.layout, out_masks, self.example_input(), task_id)
-        for path in self.layout.gated:  # a layer the propagation never reached: fully used
-            if path not in masks:
-                masks[path] = torch.ones(input_features(self.model.get_submodule(path)))
-        return masks
 
     # -- regularization, capacity, usage (the work lives in penalty.py and usage.py) ----------
     def regularization(self, task_id: int, mask_scale: float, c: float = 0.75,

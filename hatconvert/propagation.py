@@ -35,12 +35,16 @@ __all__ = ['MaskPropagator', 'input_masks']
 def _has_tensor(value: Any) -> bool:
     if isinstance(value, torch.Tensor):
         return True
+    if isinstance(value, dict):
+        return any(_has_tensor(v) for v in value.values())
     return isinstance(value, (tuple, list)) and any(_has_tensor(v) for v in value)
 
 
 def _ones_like(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return torch.ones_like(value, dtype=torch.float32)
+    if isinstance(value, dict) and _has_tensor(value):
+        return {k: _ones_like(v) for k, v in value.items()}
     if isinstance(value, (tuple, list)) and _has_tensor(value):
         return [_ones_like(v) for v in value]
     return None
@@ -49,9 +53,25 @@ def _ones_like(value: Any) -> Any:
 def _binary(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return (value != 0).to(torch.float32)
+    if isinstance(value, dict) and _has_tensor(value):
+        return {k: _binary(v) for k, v in value.items()}
     if isinstance(value, (tuple, list)) and _has_tensor(value):
         return [_binary(v) for v in value]
     return None
+
+
+def _merged(real: Any, mask: Any) -> Any:
+    """The mask of a value holding tensors: its recorded mask where there is one, ones for
+    every other tensor (never the real value: a zero in the data is no proof of disuse)."""
+    if isinstance(real, torch.Tensor):
+        return mask.clone() if isinstance(mask, torch.Tensor) else _ones_like(real)
+    if isinstance(real, dict):
+        mask = mask if isinstance(mask, dict) else {}
+        return {k: _merged(v, mask.get(k)) for k, v in real.items()}
+    if isinstance(real, (tuple, list)):
+        mask = mask if isinstance(mask, (tuple, list)) else [None] * len(real)
+        return [_merged(r, m) for r, m in zip(real, mask)]
+    return real
 
 
 def _broadcast(vector: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
@@ -81,11 +101,8 @@ class MaskPropagator(fx.Interpreter):
         """The mask of a node argument (ones for tensors without one), else the real value."""
         if isinstance(arg, fx.Node):
             real = self.env[arg]
-            mask = self.masks.get(arg)
-            if isinstance(real, torch.Tensor):
-                return mask.clone() if isinstance(mask, torch.Tensor) else _ones_like(real)
-            if isinstance(real, (tuple, list)) and mask is not None:
-                return [m.clone() if isinstance(m, torch.Tensor) else r for m, r in zip(mask, real)]
+            if _has_tensor(real):
+                return _merged(real, self.masks.get(arg))
             return real
         return arg
 
@@ -300,11 +317,15 @@ class MaskPropagator(fx.Interpreter):
 
 
 def input_masks(gm: fx.GraphModule, layout: Layout, unit_masks: dict[str, torch.Tensor],
-                example: torch.Tensor, task_id: int) -> dict[str, torch.Tensor]:
+                example: torch.Tensor | tuple[Any, dict[str, Any]], task_id: int
+                ) -> dict[str, torch.Tensor]:
     """For each gated layer, the cumulative mask of each input feature, given its units' masks.
 
-    Runs the graph in eval mode under ``no_grad`` (no running statistics change) on ``example``.
+    Runs the graph in eval mode under ``no_grad`` (no running statistics change) on
+    ``example``: the first input and the others by name (or just the first input); inputs it
+    does not give keep their defaults.
     """
+    first, named = (example, {}) if isinstance(example, torch.Tensor) else example
     args = []
     for node in gm.graph.find_nodes(op="placeholder"):
         if node.target == "task_id":
@@ -312,8 +333,10 @@ def input_masks(gm: fx.GraphModule, layout: Layout, unit_masks: dict[str, torch.
         elif node.target == "mask_scale":
             args.append(None)
         elif not args:
-            args.append(example)
-        else:  # the model's other inputs keep their defaults
+            args.append(first)
+        elif node.target in named:
+            args.append(named[node.target])
+        else:
             args.append(node.args[0] if node.args else None)
     modes = {m: m.training for m in gm.modules()}
     # a graph may write buffers even in eval mode (self.seen.copy_(...)): put them back, so that

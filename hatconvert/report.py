@@ -11,6 +11,7 @@ from .layout import GATES, GatePlacement, Layout
 __all__ = ['CATEGORIES', 'ConversionReport', 'classify_tensors']
 
 CATEGORIES = ("gated", "gate", "task-indexed", "frozen", "constant")
+SHOWN = 8  # names listed per report line before "and N more"
 
 
 @dataclass
@@ -22,6 +23,7 @@ class ConversionReport:
     original_params: int
     converted_params: int
     tensors: dict[str, str] = field(default_factory=dict)  # name in the graph module -> category
+    frozen_names: list[str] = field(default_factory=list)  # requires_grad=False in the model
 
     @property
     def overhead_percent(self) -> float:
@@ -31,6 +33,10 @@ class ConversionReport:
     def count(self, category: str) -> int:
         """Number of tensors in ``category``."""
         return sum(1 for c in self.tensors.values() if c == category)
+
+    def frozen_by_model(self) -> list[str]:
+        """Parameters the model itself froze (``requires_grad=False``), by name in the graph."""
+        return list(self.frozen_names)
 
     def __str__(self) -> str:
         lay = self.layout
@@ -58,6 +64,13 @@ class ConversionReport:
         for title, items in sections:
             if items:
                 lines.append(f"  {title} ({len(items)}): " + ", ".join(items))
+        frozen = self.frozen_by_model()
+        if frozen:
+            more = f", and {len(frozen) - SHOWN} more" if len(frozen) > SHOWN else ""
+            lines.append(f"  frozen by the model (requires_grad=False: no gradient hooks, no "
+                         f"step moves them; a gated one keeps its gate) ({len(frozen)}): "
+                         + ", ".join(frozen[:SHOWN]) + more)
+        lines += lay.signature.describe()
         if lay.mode_dependent:
             lines.append("  the forward branches on self.training: the eval-mode graph is used "
                          "in both modes (train-only branches are left out)")
@@ -105,10 +118,12 @@ def classify_tensors(gm: nn.Module, layout: Layout) -> dict[str, str]:
     unaccounted = []
     named = list(gm.named_parameters(remove_duplicate=False)) + list(
         gm.named_buffers(remove_duplicate=False))
-    for name, _ in named:
+    for name, tensor in named:
         cat = category(name)
         if cat is None:
             unaccounted.append(name)
+        elif isinstance(tensor, nn.Parameter) and not tensor.requires_grad:
+            tensors[name] = "frozen"  # by the model: whatever its place, nothing trains it
         else:
             tensors[name] = cat
     if unaccounted:

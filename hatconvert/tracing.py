@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import itertools
 import re
 import traceback
 from dataclasses import dataclass, field
@@ -23,13 +24,14 @@ from typing import Any, Callable
 import torch.fx as fx
 from torch import nn
 
-from .errors import ConversionError
+from .errors import ConversionError, one_line
+from .inputs import MAX_OPTIONAL, Signature, variant_key
 from .gates import apply_gate, closed_rows_zeroed, gated_layer, scale_rows
 from .layers import has_hooks, is_gatable, is_norm, train_only_types
 
 __all__ = ['MAX_AUTO_LEAVES', 'register_leaf_module', 'register_leaf_function', 'HATTracer',
            'Traced', 'trace_model', 'HOOK_DICTS', 'check_hooks_kept', 'move_root_hooks',
-           'keep_layers_read_directly', 'none_defaults']
+           'keep_layers_read_directly', 'signature_of', 'trace_variants']
 
 _user_leaf_modules: set[type] = set()
 _user_leaf_functions: set[Callable] = set()
@@ -121,6 +123,9 @@ class Traced:
     gm: fx.GraphModule
     mode_dependent: bool = False  # the train-mode graph differs (or fails); the eval one is kept
     auto_leaves: list[str] = field(default_factory=list)  # submodules made leaves to trace
+    signature: Signature = field(default_factory=Signature)
+    # per set of optional inputs given: its graph over a copy of the model of its own
+    variants: dict[tuple[str, ...], fx.GraphModule] = field(default_factory=dict)
 
 
 def trace_model(model: nn.Module, model_name: str = "model", auto_leaves: bool = False) -> Traced:
@@ -132,7 +137,7 @@ def trace_model(model: nn.Module, model_name: str = "model", auto_leaves: bool =
     root = copy.deepcopy(model)
     modes = {m: m.training for m in root.modules()}
     leaves: list[str] = []
-    concrete = none_defaults(root)
+    signature, concrete = signature_of(root, model_name)
     root.eval()
     try:
         while True:
@@ -147,14 +152,21 @@ def trace_model(model: nn.Module, model_name: str = "model", auto_leaves: bool =
                     continue
                 raise _trace_error(root, tracer, exc, model_name) from exc
         mode_dependent = _train_graph_differs(root, leaves, graph, concrete)
+        graphs = trace_variants(root, leaves, concrete, signature)
     finally:
         for module, mode in modes.items():
             module.training = mode
     check_hooks_kept(root, tracer.traced_through, model_name)
+    variants = {key: _graph_module(copy.deepcopy(root), g) for key, g in graphs.items()}
+    gm = _graph_module(root, graph)
+    return Traced(gm, mode_dependent, leaves, signature, variants)
+
+
+def _graph_module(root: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     gm = fx.GraphModule(root, graph, class_name=type(root).__name__)
     move_root_hooks(root, gm)
     keep_layers_read_directly(gm, root)
-    return Traced(gm, mode_dependent, leaves)
+    return gm
 
 
 HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
@@ -208,23 +220,82 @@ def keep_layers_read_directly(gm: fx.GraphModule, root: nn.Module) -> None:
             setattr(gm.get_submodule(parent) if parent else gm, name, layer)
 
 
-def none_defaults(root: nn.Module) -> dict[str, Any] | None:
-    """Inputs after the first whose default is None or a Python constant: traced at that value,
-    as the model is called (``model(x)``).
+_CONSTANTS = (type(None), bool, int, float, str)
+
+
+def signature_of(root: nn.Module, model_name: str) -> tuple[Signature, dict[str, Any] | None]:
+    """The model's inputs, and those after the first whose default is a Python constant: those
+    are traced at that value (``concrete_args``), as the model is called (``model(x)``).
 
     A proxy is never ``None``, so tracing ``attn_mask=None`` as an input would bake the branch
-    that assumes it was given (``~patch_valid``), which then fails when it is not; a flag such
-    as ``is_causal=False`` would break tracing. fx checks at run time that they keep the value.
+    that assumes it was given; a flag such as ``is_causal=False`` would break tracing. Inputs
+    with a ``None`` default are then tried as inputs one by one (``trace_variants``).
     """
+    signature = Signature(model=model_name)
     try:
-        params = list(inspect.signature(root.forward).parameters.values())[1:]
+        params = list(inspect.signature(root.forward).parameters.values())
     except (TypeError, ValueError):
-        return None
-    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    constants = (type(None), bool, int, float, str)
-    found = {p.name: p.default for p in params
-             if p.kind in kinds and type(p.default) in constants}
-    return found or None
+        return signature, None
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+             inspect.Parameter.KEYWORD_ONLY)
+    concrete = {}
+    for i, p in enumerate(params):
+        if p.kind == inspect.Parameter.VAR_KEYWORD:
+            signature.any_keyword = True
+        elif p.kind in kinds and i and type(p.default) in _CONSTANTS \
+                and p.kind != inspect.Parameter.POSITIONAL_ONLY:
+            concrete[p.name] = p.default
+        elif p.kind in kinds:
+            signature.names.append(p.name)
+    signature.fixed = dict(concrete)
+    return signature, concrete or None
+
+
+def _try_trace(root: nn.Module, leaves: list[str], concrete: dict[str, Any]
+               ) -> fx.Graph | Exception:
+    try:
+        return HATTracer(set(leaves)).trace(root, concrete_args=concrete or None)
+    except Exception as exc:  # the reason is reported
+        return exc
+
+
+def trace_variants(root: nn.Module, leaves: list[str], concrete: dict[str, Any] | None,
+                   signature: Signature) -> dict[tuple[str, ...], fx.Graph]:
+    """A graph for every non-empty set of the inputs with a ``None`` default that trace as
+    tensors and that the eval-mode forward reads (at most ``MAX_OPTIONAL`` of them); the others
+    stay fixed at ``None`` with the reason in ``signature.reasons``. Fills ``signature``."""
+    concrete = concrete or {}
+    kept: list[str] = []
+    for name in [n for n, v in concrete.items() if v is None]:
+        if len(kept) == MAX_OPTIONAL:
+            signature.reasons[name] = f"more than {MAX_OPTIONAL} optional inputs"
+            continue
+        trial = _try_trace(root, leaves, {k: v for k, v in concrete.items() if k != name})
+        if isinstance(trial, Exception):
+            signature.reasons[name] = f"given, the forward does not trace: {one_line(trial)[:80]}"
+        elif not any(n.target == name and n.users for n in trial.find_nodes(op="placeholder")):
+            signature.reasons[name] = "the eval-mode forward does not read it"
+        else:
+            kept.append(name)
+    graphs: dict[tuple[str, ...], fx.Graph] = {}
+    for size in range(1, len(kept) + 1):
+        for names in itertools.combinations(kept, size):
+            if not set(names) <= set(kept):
+                continue
+            graph = _try_trace(root, leaves, {k: v for k, v in concrete.items()
+                                              if k not in names})
+            if isinstance(graph, Exception):  # this combination does not trace: keep fewer
+                dropped = names[-1]
+                kept.remove(dropped)
+                signature.reasons[dropped] = (f"given with {', '.join(names[:-1])}, the "
+                                              f"forward does not trace: {one_line(graph)[:80]}")
+                graphs = {k: g for k, g in graphs.items() if dropped not in k}
+                continue
+            graphs[variant_key(names)] = graph
+    signature.optional = kept
+    for name in kept:
+        signature.fixed.pop(name, None)
+    return graphs
 
 
 def _train_graph_differs(root: nn.Module, leaves: list[str], eval_graph: fx.Graph,

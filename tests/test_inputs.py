@@ -1,0 +1,235 @@
+"""Models with several inputs, dict inputs, token ids, optional inputs and graph inputs.
+
+Each converts, computes what the original did with dense masks, trains three tasks with one
+AdamW (weight decay) kept across them with every earlier task bit-identical for every kind of
+call, and round-trips through save/load.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hatconvert
+from hatconvert.errors import InputError, TaskError
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(8, 16), nn.Linear(4, 16), nn.Linear(16, 3)
+
+    def forward(self, x, side):
+        return self.head(F.relu(self.a(x) + self.b(side)))
+
+
+class DictInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Linear(8, 16), nn.Linear(16, 3)
+
+    def forward(self, batch):
+        return self.head(F.relu(self.a(batch["x"])) * batch["weights"])
+
+
+class Tokens(nn.Module):
+    """Token ids, an optional attention mask, a constant flag."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.proj, self.head = nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, ids, attention_mask=None, scale=1.0):
+        h = F.relu(self.proj(self.embed(ids))) * scale
+        if attention_mask is None:
+            return self.head(h.mean(1))
+        weights = attention_mask.unsqueeze(-1).to(h.dtype)
+        return self.head((h * weights).sum(1) / weights.sum(1).clamp(min=1))
+
+
+class EdgeMessages(nn.Module):
+    """Message passing over ``edge_index`` (2, E): node features (N, F), no batch dim."""
+
+    def __init__(self):
+        super().__init__()
+        self.msg, self.update, self.head = nn.Linear(8, 16), nn.Linear(24, 16), nn.Linear(16, 3)
+
+    def forward(self, x, edge_index):
+        src, dst = edge_index[0], edge_index[1]
+        messages = F.relu(self.msg(x))[src]
+        summed = x.new_zeros((x.shape[0], 16)).index_add(0, dst, messages)
+        return self.head(F.relu(self.update(torch.cat([x, summed], dim=-1))))
+
+
+class DenseGraph(nn.Module):
+    """Node features (N, F) and an adjacency matrix (N, N): both have N rows, so an example
+    cut to one row does not fit; the whole call has to be kept."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x, adjacency):
+        h = F.relu(adjacency @ self.a(x))
+        return self.head(F.relu(adjacency @ self.b(h)))
+
+
+def two_inputs():
+    return TwoInputs(), lambda n: ((torch.randn(n, 8),), {"side": torch.randn(n, 4)})
+
+
+def dict_input():
+    return DictInput(), lambda n: (({"x": torch.randn(n, 8), "weights": torch.rand(n, 1)},), {})
+
+
+def edge_messages():
+    def call(n):
+        return (torch.randn(6, 8),), {"edge_index": torch.randint(0, 6, (2, 10))}
+    return EdgeMessages(), call
+
+
+def dense_graph():
+    def call(n):
+        adjacency = (torch.rand(6, 6) > 0.5).float()
+        return (torch.randn(6, 8),), {"adjacency": adjacency}
+    return DenseGraph(), call
+
+
+def tokens_with_and_without_mask():
+    def call(n):
+        ids = torch.randint(0, 50, (n, 7))
+        mask = (torch.rand(n, 7) > 0.3).long()
+        return (ids,), ({"attention_mask": mask} if torch.rand(()) > 0.5 else {})
+    return Tokens(), call
+
+
+def run(net, inputs, task):
+    args, kwargs = inputs
+    return net(*args, task, **kwargs)
+
+
+def train_and_check(net, make_call, fixed_calls, tasks=3, steps=3):
+    """Train ``tasks`` tasks; after each, every earlier task's eval outputs on every call in
+    ``fixed_calls`` must be bit-identical to what they were when that task ended."""
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.05)
+    ended = {}
+    for t in range(tasks):
+        net.train()
+        net.begin_task(t)
+        for b in range(steps):
+            s = hatconvert.mask_scale(b, steps)
+            out = run(net, make_call(5), t) if b else run(net, fixed_calls[b % len(fixed_calls)],
+                                                           t)
+            loss = out.pow(2).mean() + net.regularization(t, s)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        net.end_task()
+        net.eval()
+        with torch.no_grad():
+            ended[t] = [run(net, c, t).clone() for c in fixed_calls]
+            for u in range(t):
+                for before, c in zip(ended[u], fixed_calls):
+                    assert torch.equal(run(net, c, u), before), f"task {u} changed in task {t}"
+    return ended
+
+
+MODELS = {"two inputs": two_inputs, "dict input": dict_input, "edge index": edge_messages,
+          "adjacency": dense_graph}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_multi_input_models_keep_fidelity_and_earlier_tasks(name, tmp_path):
+    torch.manual_seed(0)
+    model, make_call = MODELS[name]()
+    model.eval()
+    fixed = [make_call(5)]
+    with torch.no_grad():
+        expected = model(*fixed[0][0], **fixed[0][1])
+    net = hatconvert.convert(model, 3, mask_init="dense").eval()
+    with torch.no_grad():
+        assert torch.allclose(run(net, fixed[0], 0), expected, atol=1e-6)
+    net = hatconvert.convert(model, 3)
+    ended = train_and_check(net, make_call, fixed)
+    assert 0 < net.capacity() < 1
+    path = tmp_path / "net.safetensors"
+    hatconvert.save(net, path)
+    loaded = hatconvert.load(path, model=type(model)())
+    with torch.no_grad():
+        for t in range(3):
+            assert torch.equal(run(loaded, fixed[0], t), ended[t][0])
+    assert loaded.capacity() == net.capacity()  # the reloaded example calls propagate alike
+
+
+def test_an_example_that_cannot_be_cut_to_one_sample_is_kept_whole():
+    torch.manual_seed(0)
+    model, make_call = dense_graph()
+    net = hatconvert.convert(model, 2)
+    train_and_check(net, make_call, [make_call(5)], tasks=2)
+    example = next(iter(net._examples.values()))
+    assert example.call[0].shape == (6, 8) and example.whole is None
+
+
+def test_an_optional_tensor_input_works_given_and_not_given():
+    torch.manual_seed(0)
+    model, make_call = tokens_with_and_without_mask()
+    model.eval()
+    ids = torch.randint(0, 50, (4, 7))
+    mask = torch.tensor([[1] * 7, [1] * 3 + [0] * 4, [1] * 5 + [0] * 2, [0] * 7])
+    dense = hatconvert.convert(model, 3, mask_init="dense").eval()
+    with torch.no_grad():
+        assert torch.allclose(dense(ids, 0), model(ids), atol=1e-6)
+        assert torch.allclose(dense(ids, 0, attention_mask=mask), model(ids, mask), atol=1e-6)
+        assert not torch.allclose(model(ids), model(ids, mask))
+    report = str(dense.report())
+    assert "attention_mask=None (optional)" in report and "scale=1.0" in report
+
+    net = hatconvert.convert(model, 3)
+    calls = [((ids,), {}), ((ids,), {"attention_mask": mask})]
+    train_and_check(net, make_call, calls)
+
+
+def test_inputs_the_network_does_not_take_are_refused_by_name():
+    net = hatconvert.convert(Tokens(), 2).eval()
+    ids = torch.randint(0, 50, (2, 7))
+    net(ids, 0, scale=1.0)  # the traced value is accepted
+    with pytest.raises(InputError, match=r"input 'scale' of Tokens was fixed at 1\.0"):
+        net(ids, 0, scale=2.0)
+    with pytest.raises(InputError, match=r"no input named 'mask'.*attention_mask"):
+        net(ids, 0, mask=torch.ones(2, 7))
+
+
+def test_a_kind_of_call_first_seen_after_protection_is_refused():
+    """Calls with the mask were never propagated while task 1 trained: task 0's outputs for
+    them are not guaranteed, so the network refuses them instead of answering."""
+    torch.manual_seed(0)
+    net = hatconvert.convert(Tokens(), 3)
+    ids = torch.randint(0, 50, (4, 7))
+    train_and_check(net, lambda n: ((torch.randint(0, 50, (n, 7)),), {}), [((ids,), {})],
+                    tasks=2)
+    net.eval()
+    with pytest.raises(TaskError, match="not been called with attention_mask given"):
+        net(ids, 0, attention_mask=torch.ones(4, 7, dtype=torch.long))
+
+
+def test_an_optional_input_that_does_not_trace_is_fixed_and_reported():
+    class Flagged(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 3)
+
+        def forward(self, x, return_hidden=None, unused=None):
+            h = self.a(x)
+            if return_hidden:
+                return h, h
+            return h
+
+    net = hatconvert.convert(Flagged(), 2, head=False)
+    report = str(net.report())
+    assert "return_hidden=None (given, the forward does not trace" in report
+    assert "unused=None (the eval-mode forward does not read it)" in report
+    with pytest.raises(InputError, match="'return_hidden' of Flagged was fixed at None"):
+        net(torch.randn(2, 4), 0, return_hidden=True)
