@@ -18,12 +18,12 @@ from .network import HATNetwork
 from .report import ConversionReport, classify_tensors
 from .layout import Layout
 from .options import DEFAULT_MASK_INIT, ConversionOptions
-from .rewrite import find_output_layer, output_layers, rewrite
+from .rewrite import final_layers, output_layers, rewrite
 from .tracing import Traced, trace_model
 
 __all__ = ['WEIGHT_KWARGS', 'check_weights_file', 'create_timm_model', 'classifier_path',
            'convert', 'convert_with_options', 'source_model', 'find_head', 'check_not_converted',
-           'nothing_gated', 'unused_tensors', 'rewrite_variants']
+           'nothing_gated', 'unused_tensors', 'rewrite_variants', 'unregistered_layers']
 
 
 
@@ -167,6 +167,10 @@ def convert_with_options(model: nn.Module | str, options: ConversionOptions, *,
     layout.record_source(original_keys, traced.mode_dependent, traced.auto_leaves,
                          unused_tensors(model, gm, layout))
     layout.signature = traced.signature
+    if head_path is None and options.head is None:
+        layout.head_note = ("no head: no layer feeds the output directly (a backbone, or "
+                            "norms after the last layer), so every layer is gated and no "
+                            "copy per task is made; name one with head='module.path'")
     dropped = set(layout.dropped)  # the overhead compares what the network holds
     original_params = sum(p.numel() for n, p in model.named_parameters() if n not in dropped)
     if not layout.gated:
@@ -242,10 +246,13 @@ def find_head(model: nn.Module, gm: Any, options: ConversionOptions, name: str
     if options.head is not None:
         return options.head
     called = {n.target for n in gm.graph.find_nodes(op="call_module")}
-    head = classifier_path(model, find_output_layer(gm), called, output_layers(gm))
+    finals = final_layers(gm)
+    traced = None if not finals else finals[0] if len(finals) == 1 else finals
+    head = classifier_path(model, traced, called, output_layers(gm))
     if options.num_classes is not None and head is None:
-        raise ConversionError(f"{name} has no classifier layer to give num_classes to; "
-                              "name one with head='module.path'")
+        raise ConversionError(f"{name} has no classifier layer to give num_classes to (no "
+                              "layer feeds its output directly); name one with "
+                              "head='module.path' or head=['a', 'b']")
     return head
 
 
@@ -266,16 +273,35 @@ def nothing_gated(model: nn.Module, name: str, heads: str | list[str] | None,
             "layers inside a model: wrap it (nn.Sequential(layer)) and pass head=False to gate it")
     layers = [p for p, m in model.named_modules() if p and is_gatable(m)]
     heads = [] if heads is None else [heads] if isinstance(heads, str) else list(heads)
+    others = unregistered_layers(model)
+    hint = "" if not others else (
+        f"; its modules {', '.join(others[:5])} hold weights but are not a layer hatconvert "
+        "knows: hatconvert.register_layer(cls, unit_axis=..., input_axis=...) gates a class "
+        "whose weight is a linear map")
     if not layers:
-        return ConversionError(f"{name} has no Linear or convolution layer to gate")
+        return ConversionError(f"{name} has no Linear or convolution layer to gate{hint}")
     if all(p in heads for p in layers):
         which = ", ".join(f"'{p}'" for p in layers[:5])
         its = f"its only weighted layer {which} is" if len(layers) == 1 else \
             f"its weighted layers {which} are all"
         return ConversionError(f"no layer of {name} was gated: {its} the head (one copy per "
                                "task, never gated); pass head=False to gate it instead")
+    if not include and not exclude:
+        return ConversionError(f"no layer of {name} was gated: the traced forward calls none "
+                               f"of its Linear/conv layers outside its head{hint}")
     return ConversionError(f"no layer of {name} was gated: nothing matched include="
                            f"{include or []} exclude={exclude or []} among its Linear/Conv layers")
+
+
+def unregistered_layers(model: nn.Module) -> list[str]:
+    """Modules holding a weight matrix of their own that no rule gates, as 'path (Class)'."""
+    found = []
+    for path, module in model.named_modules():
+        weight = module._parameters.get("weight")
+        if path and weight is not None and weight.ndim >= 2 and not is_gatable(module) \
+                and not isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+            found.append(f"{path} ({type(module).__name__})")
+    return found
 
 
 def unused_tensors(model: nn.Module, gm: nn.Module, layout: Layout) -> list[str]:

@@ -18,6 +18,7 @@ from torch.nn.modules.conv import _ConvTransposeNd
 from .checkpoint import check_target, write_atomic, write_safetensors
 from .errors import ExportError, TaskError
 from .layers import gate_behind_norm, is_cond_conv
+from .registry import layer_spec
 from .network import HATNetwork
 from .layout import GATES, Layout
 
@@ -55,6 +56,11 @@ def scale_units(tensor: torch.Tensor, mask: torch.Tensor, layer: nn.Module,
     """``tensor`` (a weight or bias of ``layer``) with output unit ``u`` scaled by ``mask[u]``."""
     mask = mask.to(tensor.dtype)
     units = mask.numel()
+    spec = layer_spec(layer)
+    if spec is not None and tensor.ndim > 1:  # registered: units on spec.unit_axis
+        shape = [1] * tensor.ndim
+        shape[spec.unit_axis] = units
+        return tensor * mask.view(shape)
     if is_cond_conv(layer):  # per expert: weight (experts, out * rest), bias (experts, out)
         shaped = tensor.reshape(tensor.shape[0], units, -1)
         return (shaped * mask.view(1, units, 1)).reshape(tensor.shape)

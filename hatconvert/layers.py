@@ -18,6 +18,7 @@ from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from .gates import apply_gate, can_fold_into_norm, gated_batch_norm
+from .registry import layer_spec
 
 __all__ = ['input_features', 'updates_statistics', 'GATABLE_TYPES', 'NORM_TYPES', 'EXTRA_NORM_CLASSES', 'ZERO_PRESERVING_NORM_NAMES',
            'rows_are_units', 'gate_node', 'extra_norm_types', 'TRAIN_ONLY_CLASSES',
@@ -104,8 +105,10 @@ def is_cond_conv(module: nn.Module) -> bool:
 
 
 def is_gatable(module: nn.Module) -> bool:
-    """Linear, ConvNd, ConvTransposeNd (subclasses included) and timm's CondConv2d."""
-    return isinstance(module, GATABLE_TYPES) or is_cond_conv(module)
+    """Linear, ConvNd, ConvTransposeNd (subclasses included), timm's CondConv2d and the
+    classes of ``registry.register_layer``."""
+    return isinstance(module, GATABLE_TYPES) or is_cond_conv(module) or \
+        layer_spec(module) is not None
 
 
 def is_norm(module: nn.Module) -> bool:
@@ -131,6 +134,8 @@ _AS_IS_LINEAR_NAMES = {("torch.nn.modules.linear", "NonDynamicallyQuantizableLin
 def uses_weight_as_is(layer: nn.Module) -> bool:
     """The layer computes with its weight unchanged, so each entry touches one input feature."""
     cls = type(layer)
+    if layer_spec(layer) is not None:  # registered as a linear map
+        return True
     if cls in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
                nn.ConvTranspose3d) or is_cond_conv(layer):
         return True
@@ -173,7 +178,7 @@ def rows_are_units(layer: nn.Module) -> bool:
     """Row ``o`` of the weight belongs to output unit ``o``: Linear and ConvNd (subclasses
     included), not transposed convs (``(in, out/g, ...)``) nor CondConv (one row per expert)."""
     return isinstance(layer, (nn.Linear, _ConvNd)) and not getattr(layer, "transposed", False) \
-        and not is_cond_conv(layer)
+        and not is_cond_conv(layer) and layer_spec(layer) is None
 
 
 def gate_node(graph: "torch.fx.Graph", gate_path: str, task: Any, scale: Any) -> Any:
@@ -183,6 +188,9 @@ def gate_node(graph: "torch.fx.Graph", gate_path: str, task: Any, scale: Any) ->
 
 def input_features(layer: nn.Module) -> int:
     """Number of input features (channels) a gated layer reads."""
+    spec = layer_spec(layer)
+    if spec is not None:
+        return layer.weight.shape[spec.input_axis]
     return getattr(layer, "in_features", None) or layer.in_channels
 
 
@@ -193,6 +201,9 @@ def updates_statistics(module: nn.Module) -> bool:
 
 def output_units(module: nn.Module) -> int:
     """Number of output units a gate of this layer has."""
+    spec = layer_spec(module)
+    if spec is not None:
+        return module.weight.shape[spec.unit_axis]
     if isinstance(module, nn.Linear):
         return module.out_features
     return module.out_channels
@@ -200,6 +211,9 @@ def output_units(module: nn.Module) -> int:
 
 def unit_dim(module: nn.Module) -> int:
     """The dim of the layer's output that holds its units: channels for convs, last for Linear."""
+    spec = layer_spec(module)
+    if spec is not None:
+        return spec.feature_dim
     return -1 if isinstance(module, nn.Linear) else 1
 
 

@@ -90,6 +90,8 @@ class Layout:
     auto_leaves: list[str] = field(default_factory=list)  # submodules kept whole to trace
     mode_dependent: bool = False  # train and eval graphs differ: the eval graph is kept
     signature: Signature = field(default_factory=Signature)  # the inputs (inputs.py)
+    head_note: str | None = None  # why the conversion chose no head
+    recurrent: list[str] = field(default_factory=list)  # LSTM/GRU/RNN leaves (not gated)
 
     def record_source(self, original_keys: list[str], mode_dependent: bool,
                       auto_leaves: list[str], dropped: list[str]) -> None:

@@ -152,13 +152,15 @@ class LeafPlan:
     norms: list[tuple[str, nn.Module]] = field(default_factory=list)
     indexed: list[tuple[str, nn.Module]] = field(default_factory=list)  # other modules per task
     frozen: list[str] = field(default_factory=list)  # parameters and buffers, by full name
+    copies: dict[str, list[nn.Module]] = field(default_factory=dict)  # heads: their copies
 
 
-def plan_leaf(leaf: nn.Module, path: str, selected: Callable[[str], bool], loose: str
-              ) -> LeafPlan:
+def plan_leaf(leaf: nn.Module, path: str, selected: Callable[[str], bool], loose: str,
+              heads: dict[str, list[nn.Module]] | None = None) -> LeafPlan:
     """Walk the leaf: layers to gate (those ``selected``), norms to task-index, the rest by
-    ``loose`` (modules without a layer to gate) or frozen (tensors beside gated layers)."""
-    plan = LeafPlan()
+    ``loose`` (modules without a layer to gate) or frozen (tensors beside gated layers).
+    ``heads``: head paths inside the leaf and their per-task copies (always task-indexed)."""
+    plan = LeafPlan(copies=dict(heads or {}))
 
     def tensors(module: nn.Module, prefix: str, recurse: bool = True) -> list[str]:
         return [f"{prefix}.{n}" for n, _ in module.named_parameters(recurse=recurse)] + [
@@ -172,7 +174,9 @@ def plan_leaf(leaf: nn.Module, path: str, selected: Callable[[str], bool], loose
         plan.frozen += tensors(module, prefix, recurse=False)
         for name, child in module.named_children():
             child_path = f"{prefix}.{name}"
-            if is_gatable(child) and selected(child_path):
+            if child_path in plan.copies:
+                plan.indexed.append((child_path, child))
+            elif is_gatable(child) and selected(child_path):
                 plan.layers.append((child_path, child))
                 plan.frozen += [t for t in tensors(child, child_path)
                                 if t not in (f"{child_path}.weight", f"{child_path}.bias")]
@@ -202,7 +206,8 @@ def apply_plan(gm: fx.GraphModule, path: str, plan: LeafPlan, num_tasks: int) ->
         layer.hat_unit_dim = unit_dim(layer)
     for norm_path, norm in plan.norms + plan.indexed:
         parent, _, name = norm_path.rpartition(".")
-        setattr(gm.get_submodule(parent), name, ScopedTaskIndexed(norm, num_tasks))
+        setattr(gm.get_submodule(parent), name,
+                ScopedTaskIndexed(norm, num_tasks, plan.copies.get(norm_path)))
 
 
 def route_calls(graph: fx.Graph, calls: list[fx.Node], task: fx.Node, scale: fx.Node,

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .layers import is_cond_conv, uses_weight_as_is
+from .registry import layer_spec
 
 if TYPE_CHECKING:
     from .gates import HATGate
@@ -56,6 +57,12 @@ def weight_protection(layer: nn.Module, out_mask: torch.Tensor, in_mask: torch.T
         protect = _conv_protection(shape, layer.groups, out_mask, in_mask)
         bias = None if layer.bias is None else out_mask.expand_as(layer.bias).contiguous()
         return protect.reshape(1, -1).expand_as(weight).contiguous(), bias
+    spec = layer_spec(layer)
+    if spec is not None:  # registered: one axis for units, one for input features
+        out_shape, in_shape = [1] * weight.ndim, [1] * weight.ndim
+        out_shape[spec.unit_axis], in_shape[spec.input_axis] = -1, -1
+        protect = torch.minimum(out_mask.view(out_shape), in_mask.view(in_shape))
+        return protect.expand_as(weight).contiguous(), out_mask
     kernel = [1] * (weight.ndim - 2)
     if isinstance(layer, nn.Linear):
         protect = torch.minimum(out_mask[:, None], in_mask[None, :])

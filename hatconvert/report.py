@@ -64,6 +64,14 @@ class ConversionReport:
         for title, items in sections:
             if items:
                 lines.append(f"  {title} ({len(items)}): " + ", ".join(items))
+        if lay.recurrent:
+            how = "one copy per task" if set(lay.recurrent) <= set(lay.task_leaves) else \
+                "by the loose policy"
+            lines.append(f"  recurrent layers ({len(lay.recurrent)}): {', '.join(lay.recurrent)}"
+                         f" are not gated (a closed unit would still feed the recurrence); "
+                         f"they are kept {how}")
+        if lay.head_note:
+            lines.append(f"  {lay.head_note}")
         frozen = self.frozen_by_model()
         if frozen:
             more = f", and {len(frozen) - SHOWN} more" if len(frozen) > SHOWN else ""

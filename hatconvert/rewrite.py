@@ -29,10 +29,10 @@ from .op_rules import IN_PLACE_FUNCTIONS, IN_PLACE_METHODS
 
 __all__ = ['add_task_inputs', 'calls_by_target', 'modules_read_directly', 'functional_layers',
            'rows_read_directly', 'mutated_buffers', 'output_layers', 'find_output_layer',
-           'selected', 'unique_name', 'has_state', 'resized_head', 'task_index_calls',
+           'selected', 'unique_name', 'final_layers', 'has_state', 'resized_head', 'task_index_calls',
            'following_norm', 'gate_output', 'gate_call', 'Pass', 'rewrite', 'sort_calls',
            'index_heads', 'gate_called_layer', 'extra_parameters', 'add_gate', 'gate_functional',
-           'gate_rows', 'convert_leaf', 'task_index_or_freeze_leaf', 'index_loose_attributes']
+           'gate_rows', 'convert_leaf', 'check_initialized', 'task_index_or_freeze_leaf', 'index_loose_attributes']
 
 def add_task_inputs(graph: fx.Graph) -> tuple[fx.Node, fx.Node]:
     """Add ``task_id`` and ``mask_scale`` placeholders after the model's own inputs."""
@@ -153,6 +153,30 @@ def output_layers(gm: fx.GraphModule) -> list[str]:
                 found.append(node.target)
             continue
         frontier.extend(node.all_input_nodes)
+    return found
+
+
+def final_layers(gm: fx.GraphModule) -> list[str]:
+    """The output layers that are classifiers: each feeds the output through stateless ops
+    only (no norm, no other layer, no module with weights), so its units are the outputs.
+
+    A ``features_only`` backbone ends in norms and activations: it has none. Two classifiers
+    summed into the output (torchvision's LRASPP) are both final.
+    """
+    found = []
+    for path in output_layers(gm):
+        starts = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == path]
+        seen, frontier, final = set(), [u for n in starts for u in n.users], True
+        while frontier and final:
+            node = frontier.pop()
+            if node in seen or node.op == "output":
+                continue
+            seen.add(node)
+            if node.op == "call_module" and has_state(gm.get_submodule(node.target)):
+                final = False
+            frontier.extend(node.users)
+        if final:
+            found.append(path)
     return found
 
 
@@ -295,6 +319,7 @@ class Pass:
     scale: fx.Node
     layout: Layout
     calls: dict[str, list[fx.Node]]
+    leaf_heads: dict[str, list[nn.Module]] | None = None  # heads inside leaves: their copies
 
     def selected(self, path: str) -> bool:
         """Whether ``path`` passes the ``include``/``exclude`` patterns."""
@@ -316,7 +341,7 @@ def rewrite(gm: fx.GraphModule, num_tasks: int, *, head: str | list[str] | None,
              calls_by_target(gm.graph))
     heads = [] if head is None else [head] if isinstance(head, str) else list(head)
     for path in heads:
-        if path not in p.calls:
+        if path not in p.calls and not any(path.startswith(f"{c}.") for c in p.calls):
             raise ConversionError(f"head '{path}' is not called by the traced model; "
                                   f"name a module the forward pass calls")
     functional = {path: nodes for path, nodes in functional_layers(gm, p.calls).items()
@@ -325,8 +350,15 @@ def rewrite(gm: fx.GraphModule, num_tasks: int, *, head: str | list[str] | None,
                  rows_read_directly(gm, p.calls, set(functional) | set(heads)).items()
                  if p.selected(path)}
     gm.add_module(GATES, nn.Module())
+    p.leaf_heads = {h: head_copies(gm.get_submodule(h), h, num_tasks, head_classes)
+                    for h in heads if h not in p.calls}
     gated_targets, norm_targets = sort_calls(p, heads)
-    index_heads(p, heads, head_classes)
+    index_heads(p, [h for h in heads if h in p.calls], head_classes)
+    for h in p.leaf_heads:
+        if h not in p.layout.heads:
+            raise ConversionError(f"head '{h}' sits inside leaf module that is not converted "
+                                  "(leaves='loose', or no layer to gate beside it): name the "
+                                  "leaf itself as the head")
     # Loose parameters first: the gating below adds get_attr nodes of its own.
     skip = {f"{path}.{name}" for path in [*functional, *row_reads]
             for name in ("weight", "bias")}
@@ -359,24 +391,38 @@ def sort_calls(p: Pass, heads: list[str]) -> tuple[list[str], list[str]]:
         if target in read_directly:  # called, and its tensors read too: one frozen copy
             p.layout.frozen_leaves.append(target)
         elif is_gatable(module) and p.selected(target):
+            check_initialized(module, target)
             gated.append(target)
         elif is_norm(module):
             norms.append(target)
-        elif not (p.leaves == "convert" and convert_leaf(
-                p.gm, target, p.calls[target], p.num_tasks, p.mask_init, p.include, p.exclude,
-                p.loose, p.task, p.scale, p.layout)):
+        elif not (p.leaves == "convert" and convert_leaf(p, target)):
             task_index_or_freeze_leaf(p.gm, target, module, p.num_tasks, p.loose, p.task,
                                       p.layout)
     return gated, norms
+
+
+def check_initialized(layer: nn.Module, path: str) -> None:
+    """Refuse a lazy layer whose weight has no shape yet (``nn.LazyLinear``, PyG's
+    ``Linear(-1, n)``): its units are unknown until it has run."""
+    if any(isinstance(t, nn.parameter.UninitializedParameter) for t in layer.parameters()):
+        raise ConversionError(f"layer '{path}' ({type(layer).__name__}) has uninitialized "
+                              "(lazy) parameters: run the model once on an input before "
+                              "converting it, so that their shapes are known")
+
+
+def head_copies(head: nn.Module, path: str, num_tasks: int, head_classes: list[int] | None
+                ) -> list[nn.Module]:
+    """One copy of the head per task, resized to each task's class count."""
+    if head_classes is None:
+        return [copy.deepcopy(head) for _ in range(num_tasks)]
+    return [resized_head(head, c, path) for c in head_classes]
 
 
 def index_heads(p: Pass, heads: list[str], head_classes: list[int] | None) -> None:
     """One copy of each head per task, resized to each task's class count."""
     for path in heads:
         original = p.gm.get_submodule(path)
-        copies = None
-        if head_classes is not None:
-            copies = [resized_head(original, c, path) for c in head_classes]
+        copies = head_copies(original, path, p.num_tasks, head_classes)
         task_index_calls(p.gm, path, TaskIndexed(original, p.num_tasks, copies), p.task)
         p.layout.heads.append(path)
 
@@ -440,32 +486,44 @@ def gate_rows(gm: fx.GraphModule, target: str, reads: list[fx.Node], num_tasks: 
     layout.frozen_in_gated += extra_parameters(module, target)
 
 
-def convert_leaf(gm: fx.GraphModule, target: str, nodes: list[fx.Node], num_tasks: int,
-                 mask_init: str, include: list[str] | None, exclude: list[str] | None,
-                 loose: str, task: fx.Node, scale: fx.Node, layout: Layout) -> bool:
-    """Convert inside the leaf ``target`` (leaves.py); False when it holds no layer to gate."""
-    module = gm.get_submodule(target)
-    plan = plan_leaf(module, target, lambda path: selected(path, include, exclude), loose)
+def convert_leaf(p: Pass, target: str) -> bool:
+    """Convert inside the leaf ``target`` (leaves.py); False when it holds no layer to gate.
+
+    Heads inside the leaf (``head='leaf.fc'``) get one copy per task, never a gate.
+    """
+    module = p.gm.get_submodule(target)
+    inside = {h: c for h, c in (p.leaf_heads or {}).items() if h.startswith(f"{target}.")}
+    plan = plan_leaf(module, target, lambda path: p.selected(path) and path not in inside,
+                     p.loose, heads=inside)
     if not plan.layers:  # nothing to gate inside: the loose policy decides
+        if inside:
+            raise ConversionError(f"head {', '.join(inside)} sits in leaf '{target}', which "
+                                  "holds no other layer to gate: name the leaf as the head")
         return False
-    gates_root = gm.get_submodule(GATES)
-    gate_paths = [add_gate(gates_root, path, layer, num_tasks, mask_init)
+    gates_root = p.gm.get_submodule(GATES)
+    gate_paths = [add_gate(gates_root, path, layer, p.num_tasks, p.mask_init)
                   for path, layer in plan.layers]
-    apply_plan(gm, target, plan, num_tasks)
-    route_calls(gm.graph, nodes, task, scale, gate_paths)
+    apply_plan(p.gm, target, plan, p.num_tasks)
+    route_calls(p.gm.graph, p.calls[target], p.task, p.scale, gate_paths)
     for (path, layer), gate_path in zip(plan.layers, gate_paths):
-        layout.gated[path] = GatedLayer(path, gate_path, output_units(layer), unit_dim(layer),
-                                        None, GatePlacement.LEAF, leaf=target)
-    layout.norms += [path for path, _ in plan.norms]
-    layout.task_leaves += [path for path, _ in plan.indexed]
-    layout.frozen_tensors += plan.frozen
-    layout.converted_leaves.append(target)
+        p.layout.gated[path] = GatedLayer(path, gate_path, output_units(layer), unit_dim(layer),
+                                          None, GatePlacement.LEAF, leaf=target)
+    p.layout.norms += [path for path, _ in plan.norms]
+    p.layout.task_leaves += [path for path, _ in plan.indexed if path not in inside]
+    p.layout.heads += [path for path, _ in plan.indexed if path in inside]
+    p.layout.frozen_tensors += plan.frozen
+    p.layout.converted_leaves.append(target)
     return True
 
 
 def task_index_or_freeze_leaf(gm: fx.GraphModule, target: str, module: nn.Module, num_tasks: int,
                               loose: str, task: fx.Node, layout: Layout) -> None:
-    """A leaf with weights hatconvert cannot gate: one copy per task, or frozen after task 0."""
+    """A leaf with weights hatconvert cannot gate: one copy per task, or frozen after task 0.
+
+    Recurrent layers are such leaves: a closed unit would still feed the recurrence, so no
+    gate on their output is exact."""
+    if isinstance(module, nn.RNNBase):
+        layout.recurrent.append(target)
     if loose == "task":
         task_index_calls(gm, target, TaskIndexed(module, num_tasks), task)
         layout.task_leaves.append(target)

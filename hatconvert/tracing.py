@@ -17,6 +17,7 @@ import copy
 import inspect
 import itertools
 import re
+import sys
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -57,6 +58,20 @@ def register_leaf_function(fn: Callable) -> Callable:
     return fn
 
 
+# Modules of other libraries known not to trace, kept whole (and converted inside) by name,
+# looked up only where the library is imported: PyG's message passing checks its inputs.
+KNOWN_LEAF_CLASSES = (("torch_geometric.nn.conv.message_passing", "MessagePassing"),)
+
+
+def _known_leaves() -> tuple[type, ...]:
+    found = []
+    for module_name, name in KNOWN_LEAF_CLASSES:
+        cls = getattr(sys.modules.get(module_name), name, None)
+        if isinstance(cls, type):
+            found.append(cls)
+    return tuple(found)
+
+
 def _timm_leaves() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
     try:
         from timm.layers import _fx as timm_fx
@@ -76,7 +91,8 @@ class HATTracer(fx.Tracer):
         # again with this tracer (torch.fx keeps the tracer class), and must not enter them
         super().__init__(autowrap_functions=timm_functions + tuple(_user_leaf_functions)
                          + (apply_gate, gated_layer, scale_rows, closed_rows_zeroed))
-        self._leaf_classes = timm_modules + tuple(_user_leaf_modules) + train_only_types()
+        self._leaf_classes = timm_modules + tuple(_user_leaf_modules) + train_only_types() \
+            + _known_leaves()
         self._leaf_paths = leaf_paths or set()  # submodules made leaves after tracing failed
         self.module_stack_paths: list[str] = []
         self.failed_in: str | None = None  # innermost module path when tracing raised
@@ -319,18 +335,24 @@ def _code(graph: fx.Graph) -> str:
 
 def _trace_error(root: nn.Module, tracer: HATTracer, exc: Exception, model_name: str
                  ) -> ConversionError:
-    """One clear error for any tracing failure: where it broke and what to register."""
+    """One clear error for any tracing failure: where it broke and what can help.
+
+    ``auto_leaves`` keeps failing submodules whole; it cannot help when the model's own
+    forward breaks, so it is suggested only for a failure inside a submodule.
+    """
     path = tracer.failed_in or ""
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    broke = f"{_user_frame(exc)}: {type(exc).__name__}: {detail}"
     if path:
         cls_name = type(root.get_submodule(path)).__name__
-        where = f"module '{path}' ({cls_name})"
-        hint = (f"hatconvert.register_leaf_module({cls_name}) to keep that module whole, or "
-                f"hatconvert.register_leaf_function(fn) for the function that breaks")
-    else:
-        where = f"the top-level forward of {type(root).__name__}"
-        hint = "hatconvert.register_leaf_function(fn) for the function that breaks"
-    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return ConversionError(
+            f"cannot trace {model_name}: tracing broke inside module '{path}' ({cls_name}), in "
+            f"{broke}. Register hatconvert.register_leaf_module({cls_name}) to keep that module "
+            "whole, or hatconvert.register_leaf_function(fn) for the function that breaks, or "
+            "convert with auto_leaves=True to keep failing submodules whole.")
     return ConversionError(
-        f"cannot trace {model_name}: tracing broke inside {where}, in {_user_frame(exc)}: "
-        f"{type(exc).__name__}: {detail}. Register {hint}, or convert with "
-        f"auto_leaves=True to keep failing submodules whole.")
+        f"cannot trace {model_name}: tracing broke in the top-level forward of "
+        f"{type(root).__name__}, in {broke}. Register hatconvert.register_leaf_function(fn) "
+        "for the function that breaks, or convert the traceable part of the model (the "
+        "submodule that holds its layers) and call it from your own code; auto_leaves cannot "
+        "keep the top level whole.")

@@ -25,3 +25,48 @@ def eval_out(net, x, task):
     net.eval()
     with torch.no_grad():
         return net(x, task)
+
+
+def flat(out):
+    """The tensors of a model output: a tensor, a tuple or list of them, or a dict."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in flat(v)]
+    return [t for v in out for t in flat(v)]
+
+
+def run(net, inputs, task):
+    args, kwargs = inputs
+    return net(*args, task, **kwargs)
+
+
+def train_and_check(net, make_call, fixed_calls, tasks=3, steps=3):
+    """Train ``tasks`` tasks; after each, every earlier task's eval outputs on every call in
+    ``fixed_calls`` must be bit-identical to what they were when that task ended."""
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.05)
+    ended = {}
+    for t in range(tasks):
+        net.train()
+        net.begin_task(t)
+        for b in range(steps):
+            s = hatconvert.mask_scale(b, steps)
+            out = run(net, make_call(5), t) if b else run(net, fixed_calls[b % len(fixed_calls)],
+                                                           t)
+            loss = sum(o.pow(2).mean() for o in flat(out)) + net.regularization(t, s)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        net.end_task()
+        net.eval()
+        with torch.no_grad():
+            ended[t] = [[o.clone() for o in flat(run(net, c, t))] for c in fixed_calls]
+            for u in range(t):
+                for before, c in zip(ended[u], fixed_calls):
+                    now = flat(run(net, c, u))
+                    assert len(now) == len(before) and all(
+                        torch.equal(a, b) for a, b in zip(now, before)), \
+                        f"task {u} changed in task {t}"
+    return ended
+
+
