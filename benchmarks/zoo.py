@@ -52,6 +52,10 @@ FIDELITY_TASKS = 2
 FORGETTING_TASKS = 3
 # torchvision classifiers whose default input differs from 224
 TORCHVISION_SIZES = {"inception_v3": 299}
+# the second table: torchvision's segmentation, detection and video models, timm backbones
+DENSE_MODULES = ("segmentation", "detection", "video")
+SOURCES = ("timm", "torchvision", "torchvision-dense", "timm-features")
+VIDEO_224 = ("s3d", "mvit", "swin3d")  # video models that need 224 px (the others: 112)
 
 
 def sources_digest() -> str:
@@ -97,16 +101,35 @@ def zoo_entries(sources: list[str]) -> list[str]:
         import torchvision
         classifiers = torchvision.models.list_models(module=torchvision.models)
         names += [f"torchvision/{n}" for n in classifiers]
+    if "torchvision-dense" in sources:
+        import torchvision
+        for kind in DENSE_MODULES:
+            module = getattr(torchvision.models, kind)
+            names += [f"torchvision-dense/{kind}.{n}"
+                      for n in torchvision.models.list_models(module=module)]
+    if "timm-features" in sources:
+        import timm
+        names += [f"timm-features/{n}" for n in timm.list_models()]
     return names
+
+
+def is_detection(entry: str) -> bool:
+    """torchvision's detection models train on images and targets, not on one tensor."""
+    return entry.startswith("torchvision-dense/detection.")
 
 
 def create(entry: str, device: str) -> nn.Module:
     """The model in eval mode, created on ``device`` (``meta``: no memory, no init cost)."""
     source, name = entry.split("/", 1)
     with torch.device(device):
-        if source == "timm":
+        if source in ("timm", "timm-features"):
             import timm
-            model = timm.create_model(name)
+            model = timm.create_model(name, features_only=source == "timm-features")
+        elif source == "torchvision-dense":
+            import torchvision
+            kind, _, name = name.partition(".")
+            extra = {} if kind == "video" else {"weights_backbone": None}
+            model = torchvision.models.get_model(name, weights=None, **extra)
         else:
             import torchvision
             model = torchvision.models.get_model(name, weights=None)
@@ -116,7 +139,10 @@ def create(entry: str, device: str) -> nn.Module:
 def input_shape(entry: str, model: nn.Module, batch: int) -> tuple[int, ...]:
     """The model's own input size: timm's pretrained config, 224 (299) for torchvision."""
     source, name = entry.split("/", 1)
-    if source == "timm":
+    if source == "torchvision-dense" and name.startswith("video."):
+        side = 224 if name.split(".", 1)[1].startswith(VIDEO_224) else 112
+        return (batch, 3, 16, side, side)
+    if source in ("timm", "timm-features"):
         cfg = getattr(model, "pretrained_cfg", None) or {}
         size = tuple(cfg.get("input_size", (3, 224, 224)))
         return (batch, *size)
@@ -219,8 +245,26 @@ def meta_shapes(model: nn.Module, net: hatconvert.HATNetwork, x: torch.Tensor) -
     return {"mode": "meta", "passed": got == expected}
 
 
+def training_loss(net: hatconvert.HATNetwork, x: torch.Tensor, task: int, s: float,
+                  gen: torch.Generator, detection: bool) -> torch.Tensor:
+    """A task loss: cross-entropy on the first output, or a detection model's own losses on
+    one drawn box per image."""
+    if detection:
+        side = min(x.shape[-2:])
+        boxes = [torch.tensor([[0.1, 0.1, 0.6, 0.7]]) * side for _ in range(x.shape[0])]
+        targets = [{"boxes": b, "labels": torch.randint(1, 3, (1,), generator=gen),
+                    "masks": torch.ones(1, *x.shape[-2:], dtype=torch.uint8),
+                    "keypoints": torch.cat([b[:, :2].expand(17, 2), torch.ones(17, 1)], 1)[None]}
+                   for b in boxes]
+        return sum(net(list(x), task, s, targets=targets).values())
+    out = tensors_of(net(x, task, s))[0]
+    logits = out.reshape(out.shape[0], -1).float()
+    y = torch.randint(0, logits.shape[1], (logits.shape[0],), generator=gen)
+    return F.cross_entropy(logits, y)
+
+
 def zero_forgetting(model: nn.Module, x: torch.Tensor, steps: int = 2,
-                    auto_leaves: bool = True) -> dict[str, Any]:
+                    auto_leaves: bool = True, detection: bool = False) -> dict[str, Any]:
     """Three tasks with one AdamW (weight decay) kept across them: earlier tasks stay bit-exact."""
     net = hatconvert.convert(model, num_tasks=FORGETTING_TASKS, auto_leaves=auto_leaves)
     optimizer = torch.optim.AdamW(net.parameters(), lr=0.01, weight_decay=0.05)
@@ -232,10 +276,7 @@ def zero_forgetting(model: nn.Module, x: torch.Tensor, steps: int = 2,
         net.begin_task(task)
         for b in range(steps):
             s = hatconvert.mask_scale(b, steps)
-            out = tensors_of(net(x, task, s))[0]
-            logits = out.reshape(out.shape[0], -1).float()
-            y = torch.randint(0, logits.shape[1], (logits.shape[0],), generator=gen)
-            loss = F.cross_entropy(logits, y) + net.regularization(task, s)
+            loss = training_loss(net, x, task, s, gen, detection) + net.regularization(task, s)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -361,7 +402,8 @@ def check_into(record: dict[str, Any], entry: str, index: int, args: argparse.Na
             and record["fidelity"].get("passed"):
         try:
             x = torch.randn(*shape, generator=torch.Generator().manual_seed(index + 1))
-            record["forgetting"] = zero_forgetting(model, x, auto_leaves=args.auto_leaves)
+            record["forgetting"] = zero_forgetting(model, x, auto_leaves=args.auto_leaves,
+                                                   detection=is_detection(entry))
         except Timeout:
             raise
         except Exception as exc:
@@ -438,8 +480,9 @@ def print_totals(summary: dict[str, Any]) -> None:
 # -- main ----------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sources", nargs="+", default=["timm", "torchvision"],
-                   choices=["timm", "torchvision"])
+    p.add_argument("--sources", nargs="+", default=["timm", "torchvision"], choices=SOURCES,
+                   help="torchvision-dense: segmentation, detection and video models; "
+                        "timm-features: timm models with features_only=True")
     p.add_argument("--filter", nargs="+", default=None, help="fnmatch patterns on model names")
     p.add_argument("--limit", type=int, default=None, help="check at most this many models")
     p.add_argument("--shard", default="0/1", help="I/N: check every N-th model starting at I")

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.fx as fx
 
 from .errors import HATError, TaskError
 from .example import Call, ExampleCall, check_spec, spec_of, zeros_of
@@ -118,6 +119,8 @@ class CallRouting:
                    out_masks: dict[str, torch.Tensor], task_id: int) -> dict[str, torch.Tensor]:
         """Propagation on the cut example call, else on the whole one (kept from then on)."""
         gm = self._variants.module(self.model, key)
+        if not isinstance(gm, fx.GraphModule):  # a model kept whole: no graph to see into
+            return {}
         like = self._float_parameter()
         error: Exception | None = None
         for call in example.candidates():

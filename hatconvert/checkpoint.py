@@ -437,7 +437,9 @@ def example_dtype(path: str, net: HATNetwork, dtype: torch.dtype) -> torch.dtype
     floats = [p.dtype for p in net.parameters() if p.is_floating_point()]
     if dtype.is_floating_point:
         return floats[0] if floats else dtype
-    graph = net.model.graph
+    graph = getattr(net.model, "graph", None)
+    if graph is None:  # a model kept whole (toplevel.py): its forward takes what it takes
+        return dtype
     inputs = [n for n in graph.find_nodes(op="placeholder")
               if n.target not in ("task_id", "mask_scale")]
     for user in inputs[0].users if inputs else ():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import difflib
 import os
 from typing import Any, Sequence
@@ -19,11 +20,13 @@ from .report import ConversionReport, classify_tensors
 from .layout import Layout
 from .options import DEFAULT_MASK_INIT, ConversionOptions
 from .rewrite import final_layers, output_layers, rewrite
-from .tracing import Traced, trace_model
+from .inputs import Signature
+from .toplevel import convert_top_level
+from .tracing import TopLevelUntraceable, Traced, trace_model
 
 __all__ = ['WEIGHT_KWARGS', 'check_weights_file', 'create_timm_model', 'classifier_path',
            'convert', 'convert_with_options', 'source_model', 'find_head', 'check_not_converted',
-           'nothing_gated', 'unused_tensors', 'rewrite_variants', 'unregistered_layers']
+           'nothing_gated', 'unused_tensors', 'rewrite_variants', 'unregistered_layers', 'convert_kept_whole']
 
 
 
@@ -158,7 +161,12 @@ def convert_with_options(model: nn.Module | str, options: ConversionOptions, *,
     """``convert`` with options already checked (``load`` rebuilds a network this way)."""
     check_not_converted(model)
     model, name, source = source_model(model, options, weights, timm_kwargs)
-    traced = trace_model(model, name, auto_leaves=options.auto_leaves)
+    try:
+        traced = trace_model(model, name, auto_leaves=options.auto_leaves)
+    except TopLevelUntraceable as exc:
+        if not options.auto_leaves:
+            raise
+        return convert_kept_whole(model, options, name, source, exc.reason)
     gm = traced.gm
     head_path = find_head(model, gm, options, name)
     original_keys = list(model.state_dict())
@@ -181,6 +189,43 @@ def convert_with_options(model: nn.Module | str, options: ConversionOptions, *,
                               [n for n, p in gm.named_parameters() if not p.requires_grad])
     found = dataclasses.replace(options, head=head_path)  # None: no head was found
     return HATNetwork(gm, layout, report, found, source, variants)
+
+
+def convert_kept_whole(model: nn.Module, options: ConversionOptions, name: str,
+                       source: dict[str, Any], reason: str) -> HATNetwork:
+    """A model whose own forward does not trace, converted inside and kept whole
+    (``toplevel.py``); the head is the one given, or timm's classifier, or none."""
+    if options.head is False:
+        heads = []
+    elif options.head is not None:
+        heads = [options.head] if isinstance(options.head, str) else list(options.head)
+    else:
+        found = classifier_path(model, None)
+        heads = [] if found is None else [found] if isinstance(found, str) else found
+    if options.num_classes is not None and not heads:
+        raise ConversionError(f"{name} does not trace, and no classifier layer to give "
+                              "num_classes to was found; name one with head='module.path'")
+    root, layout = convert_top_level(
+        model, options.num_tasks, heads=heads, head_classes=options.num_classes,
+        mask_init=options.mask_init, loose=options.loose, include=options.include,
+        exclude=options.exclude, reason=reason)
+    layout.record_source(list(model.state_dict()), False, [], unused_tensors(model, root, layout))
+    layout.signature = Signature(model=name, names=_input_names(model), any_keyword=True)
+    dropped = set(layout.dropped)
+    original_params = sum(p.numel() for n, p in model.named_parameters() if n not in dropped)
+    report = ConversionReport(layout, options.num_tasks, original_params,
+                              sum(p.numel() for p in root.parameters()),
+                              classify_tensors(root, layout),
+                              [n for n, p in root.named_parameters() if not p.requires_grad])
+    head = None if not heads else heads[0] if len(heads) == 1 else heads
+    return HATNetwork(root, layout, report, dataclasses.replace(options, head=head), source)
+
+
+def _input_names(model: nn.Module) -> list[str]:
+    try:
+        return list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return []
 
 
 def _rewrite(gm: fx.GraphModule, options: ConversionOptions, head: str | list[str] | None

@@ -92,6 +92,7 @@ class Layout:
     signature: Signature = field(default_factory=Signature)  # the inputs (inputs.py)
     head_note: str | None = None  # why the conversion chose no head
     recurrent: list[str] = field(default_factory=list)  # LSTM/GRU/RNN leaves (not gated)
+    top_level: str | None = None  # kept whole (toplevel.py): why its forward does not trace
 
     def record_source(self, original_keys: list[str], mode_dependent: bool,
                       auto_leaves: list[str], dropped: list[str]) -> None:

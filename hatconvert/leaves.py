@@ -162,24 +162,27 @@ def plan_leaf(leaf: nn.Module, path: str, selected: Callable[[str], bool], loose
     ``heads``: head paths inside the leaf and their per-task copies (always task-indexed)."""
     plan = LeafPlan(copies=dict(heads or {}))
 
+    def join(prefix: str, name: str) -> str:  # the path "" is the model itself (toplevel.py)
+        return f"{prefix}.{name}" if prefix and name else prefix or name
+
     def tensors(module: nn.Module, prefix: str, recurse: bool = True) -> list[str]:
-        return [f"{prefix}.{n}" for n, _ in module.named_parameters(recurse=recurse)] + [
-            f"{prefix}.{n}" for n, _ in module.named_buffers(recurse=recurse)]
+        return [join(prefix, n) for n, _ in module.named_parameters(recurse=recurse)] + [
+            join(prefix, n) for n, _ in module.named_buffers(recurse=recurse)]
 
     def gates_inside(module: nn.Module, prefix: str) -> bool:
-        return any(is_gatable(m) and selected(f"{prefix}.{n}" if n else prefix)
+        return any(is_gatable(m) and selected(join(prefix, n))
                    for n, m in module.named_modules())
 
     def walk(module: nn.Module, prefix: str) -> None:
         plan.frozen += tensors(module, prefix, recurse=False)
         for name, child in module.named_children():
-            child_path = f"{prefix}.{name}"
+            child_path = join(prefix, name)
             if child_path in plan.copies:
                 plan.indexed.append((child_path, child))
             elif is_gatable(child) and selected(child_path):
                 plan.layers.append((child_path, child))
                 plan.frozen += [t for t in tensors(child, child_path)
-                                if t not in (f"{child_path}.weight", f"{child_path}.bias")]
+                                if t not in (join(child_path, "weight"), join(child_path, "bias"))]
             elif is_norm(child):
                 plan.norms.append((child_path, child))
             elif not gates_inside(child, child_path):

@@ -64,6 +64,11 @@ class ConversionReport:
         for title, items in sections:
             if items:
                 lines.append(f"  {title} ({len(items)}): " + ", ".join(items))
+        if lay.top_level:
+            lines.append(f"  the model is kept whole: its own forward does not trace "
+                         f"({lay.top_level}); the layers inside are gated on their outputs, "
+                         "and every input of every layer counts as used by every task (whole "
+                         "rows of the units an earlier task uses are protected)")
         if lay.recurrent:
             how = "one copy per task" if set(lay.recurrent) <= set(lay.task_leaves) else \
                 "by the loose policy"

@@ -30,9 +30,17 @@ from .inputs import MAX_OPTIONAL, Signature, variant_key
 from .gates import apply_gate, closed_rows_zeroed, gated_layer, scale_rows
 from .layers import has_hooks, is_gatable, is_norm, train_only_types
 
-__all__ = ['MAX_AUTO_LEAVES', 'register_leaf_module', 'register_leaf_function', 'HATTracer',
+__all__ = ['TopLevelUntraceable', 'MAX_AUTO_LEAVES', 'register_leaf_module', 'register_leaf_function', 'HATTracer',
            'Traced', 'trace_model', 'HOOK_DICTS', 'check_hooks_kept', 'move_root_hooks',
            'keep_layers_read_directly', 'signature_of', 'trace_variants']
+
+class TopLevelUntraceable(ConversionError):
+    """Tracing broke in the model's own forward; ``reason`` says where (for the report)."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
 
 _user_leaf_modules: set[type] = set()
 _user_leaf_functions: set[Callable] = set()
@@ -350,9 +358,9 @@ def _trace_error(root: nn.Module, tracer: HATTracer, exc: Exception, model_name:
             f"{broke}. Register hatconvert.register_leaf_module({cls_name}) to keep that module "
             "whole, or hatconvert.register_leaf_function(fn) for the function that breaks, or "
             "convert with auto_leaves=True to keep failing submodules whole.")
-    return ConversionError(
+    return TopLevelUntraceable(
         f"cannot trace {model_name}: tracing broke in the top-level forward of "
         f"{type(root).__name__}, in {broke}. Register hatconvert.register_leaf_function(fn) "
-        "for the function that breaks, or convert the traceable part of the model (the "
-        "submodule that holds its layers) and call it from your own code; auto_leaves cannot "
-        "keep the top level whole.")
+        "for the function that breaks, or convert with auto_leaves=True to keep the model "
+        "whole and gate the layers inside it (every input of every layer then counts as used "
+        "by every task).", f"{_user_frame(exc)}: {type(exc).__name__}")

@@ -264,20 +264,90 @@ def test_recurrent_layers_are_copied_per_task_and_reported():
     train_and_check(net, call, [fixed])
 
 
-def test_a_top_level_forward_that_does_not_trace_names_the_line_and_no_false_remedy():
-    class Untraceable(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Linear(4, 4)
+class Detector(nn.Module):
+    """Detection-style: data-dependent Python in the top level (a score threshold), so no
+    graph of its forward exists; the layers inside are what HAT must gate."""
 
-        def forward(self, x):
-            if x.sum() > 0:  # data-dependent control flow in the top level
-                return self.a(x)
-            return x
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8),
+                                      nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.scores, self.boxes = nn.Conv2d(8, 2, 1), nn.Conv2d(8, 4, 1)
 
-    with pytest.raises(ConversionError, match=r"top-level forward of Untraceable, in forward\(\) "
-                                              r"at .*test_any_model.py.*auto_leaves cannot"):
-        hatconvert.convert(Untraceable(), 2, auto_leaves=True)
+    def forward(self, images, targets=None):
+        features = self.backbone(images)
+        scores, boxes = self.scores(features), self.boxes(features)
+        if targets is not None:  # training: a loss per head
+            return {"scores": scores.pow(2).mean(), "boxes": (boxes - targets).abs().mean()}
+        keep = scores[:, 1].flatten(1) > scores[:, 0].flatten(1)
+        if bool(keep.any()):
+            return [b.flatten(1).T[k] for b, k in zip(boxes, keep)]
+        return [boxes.new_zeros(0, 4) for _ in boxes]
+
+
+def test_a_model_whose_own_forward_does_not_trace_is_kept_whole(tmp_path):
+    with pytest.raises(ConversionError, match=r"top-level forward of Detector, in forward\(\) at "
+                                              r".*test_any_model.py.*auto_leaves=True to keep "
+                                              r"the model whole"):
+        hatconvert.convert(Detector(), 3)
+    torch.manual_seed(0)
+    call = images(2)
+    assert dense_matches(Detector(), call, auto_leaves=True)
+    net = hatconvert.convert(Detector(), 3, auto_leaves=True, head=["scores"])
+    report = str(net.report())
+    assert "the model is kept whole: its own forward does not trace" in report
+    assert set(net.layout.gated) == {"backbone.0", "backbone.3", "boxes"}
+    assert net.layout.heads == ["scores"] and net.layout.norms == ["backbone.1"]
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.05)
+    ended = {}
+    for t in range(3):
+        net.train()
+        net.begin_task(t)
+        for b in range(3):
+            s = hatconvert.mask_scale(b, 3)
+            losses = net(*images(2)[0], t, s, targets=torch.randn(2, 4, 32, 32))
+            loss = sum(losses.values()) + net.regularization(t, s)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        net.end_task()
+        net.eval()
+        with torch.no_grad():
+            ended[t] = [flat(run(net, call, t))]
+            for u in range(t):
+                assert all(torch.equal(a, b) for a, b in zip(flat(run(net, call, u)),
+                                                             ended[u][0]))
+    round_trip(net, ended, call, tmp_path, Detector())
+    plain = Detector()
+    plain.load_state_dict(hatconvert.export(net, 1))
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(
+        flat(plain.eval()(*call[0])), flat(net(*call[0], 1))))
+
+
+def test_torchvision_detection_is_kept_whole_and_keeps_earlier_tasks():
+    detection = pytest.importorskip("torchvision.models.detection")
+    torch.manual_seed(0)
+    model = detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, num_classes=3)
+    batch = [torch.rand(3, 64, 80), torch.rand(3, 72, 64)]
+    assert dense_matches(model, ((batch,), {}), atol=1e-4, auto_leaves=True)
+    net = hatconvert.convert(model, 2, auto_leaves=True)
+    targets = [{"boxes": torch.tensor([[4.0, 4.0, 40.0, 50.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[8.0, 2.0, 30.0, 40.0]]), "labels": torch.tensor([2])}]
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.05)
+    for t in range(2):
+        net.train()
+        net.begin_task(t)
+        losses = net(batch, t, 10.0, targets=targets)
+        (sum(losses.values()) + net.regularization(t, 10.0)).backward()
+        opt.step()
+        opt.zero_grad()
+        net.end_task()
+        if t == 0:
+            with torch.no_grad():
+                before = flat(net.eval()(batch, 0))
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(flat(net.eval()(batch, 0)), before))
 
 
 def test_gpt2_conv1d_is_gated_without_registration():
