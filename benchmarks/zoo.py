@@ -54,7 +54,7 @@ FORGETTING_TASKS = 3
 TORCHVISION_SIZES = {"inception_v3": 299}
 # the second table: torchvision's segmentation, detection and video models, timm backbones
 DENSE_MODULES = ("segmentation", "detection", "video")
-SOURCES = ("timm", "torchvision", "torchvision-dense", "timm-features")
+ZOO_SOURCES = ("timm", "torchvision", "torchvision-dense", "timm-features")
 VIDEO_224 = ("s3d", "mvit", "swin3d")  # video models that need 224 px (the others: 112)
 
 
@@ -480,7 +480,7 @@ def print_totals(summary: dict[str, Any]) -> None:
 # -- main ----------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sources", nargs="+", default=["timm", "torchvision"], choices=SOURCES,
+    p.add_argument("--sources", nargs="+", default=["timm", "torchvision"], choices=ZOO_SOURCES,
                    help="torchvision-dense: segmentation, detection and video models; "
                         "timm-features: timm models with features_only=True")
     p.add_argument("--filter", nargs="+", default=None, help="fnmatch patterns on model names")

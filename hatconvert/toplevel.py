@@ -48,6 +48,11 @@ def convert_top_level(model: nn.Module, num_tasks: int, *, heads: list[str],
                       ) -> tuple[nn.Module, Layout]:
     """A converted copy of ``model`` kept whole, and what was done (``reason``: why tracing
     could not go on, for the report)."""
+    if isinstance(model, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+        raise ConversionError(
+            f"{type(model).__name__} does not trace ({reason}) and cannot be kept whole: it is "
+            f"an nn.{_container(model)} whose "
+            "forward may run every child in turn, and the gates would be one more child")
     root = copy.deepcopy(model).eval()
     for path in heads:
         try:
@@ -73,6 +78,11 @@ def convert_top_level(model: nn.Module, num_tasks: int, *, heads: list[str],
     root.add_module(GATES, gates_root)
     root.hat_gate_names = names
     return root, _layout(plan, names, copies, reason)
+
+
+def _container(model: nn.Module) -> str:
+    return next(c.__name__ for c in (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+                if isinstance(model, c))
 
 
 def _layout(plan: Any, names: list[str], heads: dict[str, list[nn.Module]], reason: str

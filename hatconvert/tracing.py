@@ -204,10 +204,12 @@ def check_hooks_kept(root: nn.Module, traced_through: set[str], model_name: str)
     heads) keep running, and the root's move to the converted graph."""
     for path, module in root.named_modules():
         if path and path in traced_through and has_hooks(module):
-            raise ConversionError(
+            raise TopLevelUntraceable(
                 f"module '{path}' ({type(module).__name__}) of {model_name} has forward or "
                 "backward hooks, but tracing turns its forward into graph nodes, so they would "
-                f"never run again: remove them before converting{_leaf_hint(module)}")
+                f"never run again: remove them before converting{_leaf_hint(module)}, or "
+                "convert with auto_leaves=True to keep the model whole (its hooks then run)",
+                f"hooks on module '{path}' would not run in a graph")
 
 
 def _leaf_hint(module: nn.Module) -> str:

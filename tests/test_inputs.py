@@ -79,6 +79,37 @@ class DenseGraph(nn.Module):
         return self.head(F.relu(adjacency @ self.b(h)))
 
 
+class Seq2Seq(nn.Module):
+    """torch's own encoder-decoder: source ids and ``decoder_input_ids``."""
+
+    def __init__(self):
+        super().__init__()
+        self.src, self.tgt = nn.Embedding(30, 16), nn.Embedding(30, 16)
+        self.transformer = nn.Transformer(16, 2, 1, 1, 32, dropout=0.0, batch_first=True)
+        self.out = nn.Linear(16, 30)
+
+    def forward(self, src_ids, decoder_input_ids):
+        return self.out(self.transformer(self.src(src_ids), self.tgt(decoder_input_ids)))
+
+
+class PaddedEncoder(nn.Module):
+    """torch's TransformerEncoder with an optional key padding mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(30, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.encoder, self.head = nn.TransformerEncoder(layer, 2), nn.Linear(16, 3)
+
+    def forward(self, ids, padding_mask=None):
+        return self.head(self.encoder(self.embed(ids), src_key_padding_mask=padding_mask).mean(1))
+
+
+def seq2seq():
+    return Seq2Seq(), lambda n: ((torch.randint(0, 30, (n, 6)),),
+                                 {"decoder_input_ids": torch.randint(0, 30, (n, 4))})
+
+
 def two_inputs():
     return TwoInputs(), lambda n: ((torch.randn(n, 8),), {"side": torch.randn(n, 4)})
 
@@ -109,7 +140,7 @@ def tokens_with_and_without_mask():
 
 
 MODELS = {"two inputs": two_inputs, "dict input": dict_input, "edge index": edge_messages,
-          "adjacency": dense_graph}
+          "adjacency": dense_graph, "seq2seq": seq2seq}
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -160,6 +191,26 @@ def test_an_optional_tensor_input_works_given_and_not_given():
 
     net = hatconvert.convert(model, 3)
     calls = [((ids,), {}), ((ids,), {"attention_mask": mask})]
+    train_and_check(net, make_call, calls)
+
+
+def test_torch_transformer_encoder_with_and_without_a_padding_mask():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 30, (4, 6))
+    padding = torch.tensor([[False] * 6, [False] * 3 + [True] * 3, [False] * 5 + [True],
+                            [False] * 6])
+    calls = [((ids,), {}), ((ids,), {"padding_mask": padding})]
+    model = PaddedEncoder().eval()
+    dense = hatconvert.convert(model, 3, mask_init="dense").eval()
+    with torch.no_grad():
+        for call in calls:
+            assert torch.allclose(run(dense, call, 1), model(*call[0], **call[1]), atol=1e-5)
+
+    def make_call(n):
+        ids = torch.randint(0, 30, (n, 6))
+        return (ids,), ({"padding_mask": torch.rand(n, 6) > 0.7} if n % 2 else {})
+    net = hatconvert.convert(model, 3)
+    assert "encoder" in net.layout.converted_leaves
     train_and_check(net, make_call, calls)
 
 
