@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 import torch.nn.functional as F
 from torch import nn
 
@@ -255,3 +256,62 @@ def test_an_optional_input_that_does_not_trace_is_fixed_and_reported():
     assert "unused=None (the eval-mode forward does not read it)" in report
     with pytest.raises(InputError, match="'return_hidden' of Flagged was fixed at None"):
         net(torch.randn(2, 4), 0, return_hidden=True)
+
+
+class Routed(nn.Module):
+    """Optional inputs that change which features the next layer reads: ``b`` reverses them,
+    so a graph protected only for calls without ``b`` would leave the reversed reads free."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second, self.head = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x, a=None, b=None):
+        h = F.relu(self.first(x))
+        if a is not None:
+            h = h * a
+        if b is not None:
+            h = torch.where(b > 0, h.flip(-1), h)
+        return self.head(F.relu(self.second(h)))
+
+
+KINDS = [(), ("a",), ("b",), ("a", "b")]
+
+
+def routed_call(kind, n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    inputs = {"a": torch.rand(n, 8, generator=g), "b": torch.ones(n, 1)}
+    return (torch.randn(n, 6, generator=g),), {k: inputs[k] for k in kind}
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(st.lists(st.lists(st.sampled_from(range(4)), min_size=1, max_size=3), min_size=2,
+                max_size=3))
+def test_every_kind_of_call_seen_before_protection_keeps_earlier_tasks(kinds_per_task):
+    """Drawn kinds of call per task: every kind seen before trained tasks were first protected
+    keeps them bit-identical; a kind seen only later is refused instead of answered."""
+    torch.manual_seed(0)
+    net = hatconvert.convert(Routed(), len(kinds_per_task), head=False)
+    opt = torch.optim.AdamW(net.parameters(), lr=0.05, weight_decay=0.05)
+    seen, ended = set(), {}
+    for t, kinds in enumerate(kinds_per_task):
+        net.train()
+        net.begin_task(t)
+        for step, k in enumerate(kinds):
+            call = routed_call(KINDS[k], seed=step)
+            if t and KINDS[k] not in seen:
+                with pytest.raises(TaskError, match="not been called"):
+                    run(net, call, t)
+                continue
+            seen.add(KINDS[k])
+            loss = run(net, call, t).pow(2).mean() + net.regularization(t, 10.0)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        net.end_task()
+        net.eval()
+        with torch.no_grad():
+            ended[t] = {k: run(net, routed_call(k, seed=9), t) for k in seen}
+            for u in range(t):
+                for k, before in ended[u].items():
+                    assert torch.equal(run(net, routed_call(k, seed=9), u), before), (u, k)
