@@ -60,6 +60,17 @@ def _binary(value: Any) -> Any:
     return None
 
 
+def _mutable(value: Any) -> Any:
+    """``value`` with every list and dict (fx's immutable ones included) copied as plain ones."""
+    if isinstance(value, dict):
+        return {k: _mutable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mutable(v) for v in value]
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(_mutable(v) for v in value)
+    return value
+
+
 def _merged(real: Any, mask: Any) -> Any:
     """The mask of a value holding tensors: its recorded mask where there is one, ones for
     every other tensor (never the real value: a zero in the data is no proof of disuse)."""
@@ -139,6 +150,13 @@ class MaskPropagator(fx.Interpreter):
         feature = mask.amax(dim=dims) if dims else mask
         previous = self.input_masks.get(path)
         self.input_masks[path] = feature if previous is None else torch.maximum(previous, feature)
+
+    def fetch_args_kwargs_from_env(self, n: fx.Node) -> tuple[tuple, dict]:
+        """The node's arguments with fx's immutable lists and dicts made plain: generated code
+        passes fresh lists, and functions may fill them in (torchvision's
+        ``_get_window_and_shift_size`` writes into its ``window_size`` argument)."""
+        args, kwargs = super().fetch_args_kwargs_from_env(n)
+        return _mutable(args), _mutable(kwargs)
 
     # -- the rules -------------------------------------------------------------------------
     def run_node(self, n: fx.Node) -> Any:
