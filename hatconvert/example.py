@@ -17,12 +17,12 @@ from typing import Any, Callable
 import torch
 
 __all__ = ["Call", "ExampleCall", "tensors_of", "spec_of", "zeros_of", "check_spec",
-           "MAX_EXAMPLE_ELEMENTS", "INDEX_DTYPES"]
+           "MAX_EXAMPLE_ELEMENTS", "INDEX_DTYPES", "CONSTANTS"]
 
 Call = tuple[Any, dict[str, Any]]  # the first input, and the others by name
 MAX_EXAMPLE_ELEMENTS = 2 ** 28  # one example call; more is a damaged or edited header
 INDEX_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
-_CONSTANTS = (type(None), bool, int, float, str)
+CONSTANTS = (type(None), bool, int, float, str)  # plain values an input may hold
 
 
 def _map(tree: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
@@ -99,7 +99,7 @@ def spec_of(tree: Any) -> Any:
         if not all(isinstance(k, str) for k in tree):
             raise ValueError(f"a dict input with keys that are not strings ({list(tree)[:3]})")
         return {"dict": {k: spec_of(v) for k, v in tree.items()}}
-    if type(tree) in _CONSTANTS and not (isinstance(tree, float) and not math.isfinite(tree)):
+    if type(tree) in CONSTANTS and not (isinstance(tree, float) and not math.isfinite(tree)):
         return {"value": tree}
     raise ValueError(f"an input of type {type(tree).__name__}, which cannot be stored")
 
@@ -127,7 +127,7 @@ def check_spec(spec: Any) -> int:
         total = sum(check_spec(v) for v in value)
     elif kind == "dict" and isinstance(value, dict):
         total = sum(check_spec(v) for v in value.values())
-    elif kind == "value" and type(value) in _CONSTANTS:
+    elif kind == "value" and type(value) in CONSTANTS:
         return 0
     else:
         raise ValueError(f"{_shown(spec)} is not an input spec")

@@ -26,6 +26,7 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import ConversionError, one_line
+from .example import CONSTANTS
 from .inputs import MAX_OPTIONAL, Signature, variant_key
 from .gates import apply_gate, closed_rows_zeroed, gated_layer, scale_rows
 from .layers import has_hooks, is_gatable, is_norm, train_only_types
@@ -246,9 +247,6 @@ def keep_layers_read_directly(gm: fx.GraphModule, root: nn.Module) -> None:
             setattr(gm.get_submodule(parent) if parent else gm, name, layer)
 
 
-_CONSTANTS = (type(None), bool, int, float, str)
-
-
 def signature_of(root: nn.Module, model_name: str) -> tuple[Signature, dict[str, Any] | None]:
     """The model's inputs, and those after the first whose default is a Python constant: those
     are traced at that value (``concrete_args``), as the model is called (``model(x)``).
@@ -268,7 +266,7 @@ def signature_of(root: nn.Module, model_name: str) -> tuple[Signature, dict[str,
     for i, p in enumerate(params):
         if p.kind == inspect.Parameter.VAR_KEYWORD:
             signature.any_keyword = True
-        elif p.kind in kinds and i and type(p.default) in _CONSTANTS \
+        elif p.kind in kinds and i and type(p.default) in CONSTANTS \
                 and p.kind != inspect.Parameter.POSITIONAL_ONLY:
             concrete[p.name] = p.default
         elif p.kind in kinds:
