@@ -2,8 +2,8 @@
 
 The file holds ``net.state_dict()`` (weights, task embeddings, stored masks, task-indexed copies,
 running statistics, the ``trained`` flags) and string metadata that says how to rebuild the
-network: the source model (a timm name and its keyword arguments, or a custom model the caller
-passes again), the conversion options, the tasks trained and the example input's shape.
+network: the source model (a timm name and its keyword arguments, a transformers class and its
+config, or a custom model the caller passes again), the conversion options, the tasks trained and the example input's shape.
 """
 
 from __future__ import annotations
@@ -337,6 +337,11 @@ def rebuild(path: str, info: dict[str, Any], model: nn.Module | None) -> HATNetw
     from .convert import WEIGHT_KWARGS, convert_with_options
     config, source = info["config"], info["source"]
     timm_kwargs: dict[str, Any] = {}
+    given = model is not None
+    if model is None and source.get("kind") == "transformers":
+        from .huggingface import build_from_source
+        with torch.random.fork_rng(devices=[]):  # its random init must not move the caller's RNG
+            model = build_from_source(path, source)
     if model is None:
         if source.get("kind") != "timm":
             raise CheckpointError(
@@ -354,7 +359,7 @@ def rebuild(path: str, info: dict[str, Any], model: nn.Module | None) -> HATNetw
         with torch.random.fork_rng(devices=[]):  # rebuilding must not move the caller's RNG
             return convert_with_options(target, options, **timm_kwargs)
     except HATError as exc:
-        if model is not None:
+        if given:
             saved_from = source.get("name") or source.get("class") or "unknown"
             raise CheckpointError(f"{path!r} does not fit this architecture: saved from "
                                   f"{saved_from}, {type(model).__name__} given: {exc}") from exc

@@ -88,7 +88,7 @@ def conversion_options(args: argparse.Namespace) -> "ConversionOptions":
         num_tasks=args.num_tasks, num_classes=classes[0] if classes and len(classes) == 1
         else classes, mask_init=args.mask_init, head=head, loose=args.loose,
         include=args.include, exclude=args.exclude, leaves=args.leaves,
-        auto_leaves=args.auto_leaves)
+        auto_leaves=args.auto_leaves, embeddings=args.embeddings)
 
 
 def add_task_command(parser: argparse.ArgumentParser, task_help: str, output_help: str) -> None:

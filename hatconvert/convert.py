@@ -20,6 +20,7 @@ from .report import ConversionReport, classify_tensors
 from .layout import Layout
 from .options import DEFAULT_MASK_INIT, ConversionOptions
 from .rewrite import final_layers, output_layers, rewrite
+from .huggingface import KEPT_WHOLE_REASON, is_pretrained_model, source_of, task_heads
 from .inputs import Signature
 from .toplevel import convert_top_level
 from .tracing import TopLevelUntraceable, Traced, trace_model
@@ -120,8 +121,8 @@ def convert(model: nn.Module | str, num_tasks: int, *,
             mask_init: str = DEFAULT_MASK_INIT, head: str | Sequence[str] | bool | None = None,
             loose: str = "task", include: str | Sequence[str] | None = None,
             exclude: str | Sequence[str] | None = None, leaves: str = "convert",
-            auto_leaves: bool = False, weights: str | os.PathLike | None = None,
-            **timm_kwargs: Any) -> HATNetwork:
+            auto_leaves: bool = False, embeddings: str = "auto",
+            weights: str | os.PathLike | None = None, **timm_kwargs: Any) -> HATNetwork:
     """Convert ``model`` (an ``nn.Module`` or a timm model name) into a HAT network.
 
     Args:
@@ -144,6 +145,9 @@ def convert(model: nn.Module | str, num_tasks: int, *,
             norms and freezes the rest of them; ``loose`` treats such leaves by ``loose``.
         auto_leaves: when tracing breaks inside a submodule, keep it whole as a leaf (and
             convert inside it) instead of raising.
+        embeddings: ``auto`` freezes after task 0 every embedding table holding a hundredth of
+            the parameters or more (a word embedding) and gives smaller ones the ``loose``
+            policy; ``loose``: every table by ``loose``; ``freeze``: every table frozen.
         weights: local file of pretrained weights for a timm model name.
         timm_kwargs: passed to ``timm.create_model`` when ``model`` is a name.
 
@@ -151,7 +155,7 @@ def convert(model: nn.Module | str, num_tasks: int, *,
     """
     check_not_converted(model)
     options = ConversionOptions(num_tasks, num_classes, mask_init, head, loose, include, exclude,
-                                leaves, auto_leaves)
+                                leaves, auto_leaves, embeddings)
     return convert_with_options(model, options, weights=weights, **timm_kwargs)
 
 
@@ -161,12 +165,15 @@ def convert_with_options(model: nn.Module | str, options: ConversionOptions, *,
     """``convert`` with options already checked (``load`` rebuilds a network this way)."""
     check_not_converted(model)
     model, name, source = source_model(model, options, weights, timm_kwargs)
+    if is_pretrained_model(model):  # never traced: see huggingface.py
+        return convert_kept_whole(model, options, name, source, KEPT_WHOLE_REASON)
     try:
         traced = trace_model(model, name, auto_leaves=options.auto_leaves)
     except TopLevelUntraceable as exc:
         if not options.auto_leaves:
             raise
-        return convert_kept_whole(model, options, name, source, exc.reason)
+        return convert_kept_whole(model, options, name, source,
+                                  f"its own forward does not trace ({exc.reason})")
     gm = traced.gm
     head_path = find_head(model, gm, options, name)
     original_keys = list(model.state_dict())
@@ -193,24 +200,31 @@ def convert_with_options(model: nn.Module | str, options: ConversionOptions, *,
 
 def convert_kept_whole(model: nn.Module, options: ConversionOptions, name: str,
                        source: dict[str, Any], reason: str) -> HATNetwork:
-    """A model whose own forward does not trace, converted inside and kept whole
-    (``toplevel.py``); the head is the one given, or timm's classifier, or none."""
+    """A model converted inside and kept whole (``toplevel.py``), because its own forward
+    does not trace or is a transformers model's (``reason``); the head is the one given, else
+    the transformers task head or timm's classifier, else none."""
     if options.head is False:
         heads = []
     elif options.head is not None:
         heads = [options.head] if isinstance(options.head, str) else list(options.head)
+    elif is_pretrained_model(model):
+        heads = task_heads(model)
     else:
         found = classifier_path(model, None)
         heads = [] if found is None else [found] if isinstance(found, str) else found
     if options.num_classes is not None and not heads:
-        raise ConversionError(f"{name} does not trace, and no classifier layer to give "
+        raise ConversionError(f"{name} is kept whole, and no classifier layer to give "
                               "num_classes to was found; name one with head='module.path'")
     root, layout = convert_top_level(
         model, options.num_tasks, heads=heads, head_classes=options.num_classes,
         mask_init=options.mask_init, loose=options.loose, include=options.include,
-        exclude=options.exclude, reason=reason)
+        exclude=options.exclude, reason=reason, embeddings=options.embeddings)
     layout.record_source(list(model.state_dict()), False, [], unused_tensors(model, root, layout))
     layout.signature = Signature(model=name, names=_input_names(model), any_keyword=True)
+    if not heads and options.head is None:
+        layout.head_note = (f"no head: {name} has no classifier layer hatconvert could find (a "
+                            "backbone), so every layer is gated and no copy per task is made; "
+                            "name one with head='module.path'")
     dropped = set(layout.dropped)
     original_params = sum(p.numel() for n, p in model.named_parameters() if n not in dropped)
     report = ConversionReport(layout, options.num_tasks, original_params,
@@ -223,16 +237,19 @@ def convert_kept_whole(model: nn.Module, options: ConversionOptions, name: str,
 
 def _input_names(model: nn.Module) -> list[str]:
     try:
-        return list(inspect.signature(model.forward).parameters)
+        params = inspect.signature(model.forward).parameters.values()
     except (TypeError, ValueError):
         return []
+    return [p.name for p in params
+            if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
 
 
 def _rewrite(gm: fx.GraphModule, options: ConversionOptions, head: str | list[str] | None
              ) -> Layout:
     return rewrite(gm, options.num_tasks, head=head, head_classes=options.num_classes,
                    mask_init=options.mask_init, loose=options.loose, include=options.include,
-                   exclude=options.exclude, leaves=options.leaves)
+                   exclude=options.exclude, leaves=options.leaves,
+                   embeddings=options.embeddings)
 
 
 def rewrite_variants(traced: Traced, layout: Layout, options: ConversionOptions,
@@ -278,6 +295,8 @@ def source_model(model: nn.Module | str, options: ConversionOptions,
             raise ConversionError("weights and timm keyword arguments apply to a timm model name; "
                                   "for an nn.Module, load its weights before converting")
         name = type(model).__name__
+        if is_pretrained_model(model):
+            return model, name, source_of(model)
         return model, name, {"kind": "custom", "class": name}
     raise ConversionError(f"convert expects an nn.Module or a timm model name, "
                           f"got {type(model).__name__}")

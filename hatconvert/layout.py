@@ -93,6 +93,7 @@ class Layout:
     head_note: str | None = None  # why the conversion chose no head
     recurrent: list[str] = field(default_factory=list)  # LSTM/GRU/RNN leaves (not gated)
     top_level: str | None = None  # kept whole (toplevel.py): why its forward does not trace
+    frozen_embeddings: dict[str, int] = field(default_factory=dict)  # path -> table size
 
     def record_source(self, original_keys: list[str], mode_dependent: bool,
                       auto_leaves: list[str], dropped: list[str]) -> None:

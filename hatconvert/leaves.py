@@ -30,6 +30,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .embeddings import EmbeddingPolicy
 from .errors import HATError
 from .gates import apply_gate, scale_rows
 from .layers import TaskIndexed, gate_node, is_gatable, is_norm, rows_are_units, unit_dim
@@ -156,11 +157,14 @@ class LeafPlan:
 
 
 def plan_leaf(leaf: nn.Module, path: str, selected: Callable[[str], bool], loose: str,
-              heads: dict[str, list[nn.Module]] | None = None) -> LeafPlan:
+              heads: dict[str, list[nn.Module]] | None = None,
+              embeddings: EmbeddingPolicy | None = None) -> LeafPlan:
     """Walk the leaf: layers to gate (those ``selected``), norms to task-index, the rest by
-    ``loose`` (modules without a layer to gate) or frozen (tensors beside gated layers).
+    ``loose`` (modules without a layer to gate) or frozen (tensors beside gated layers, and
+    the embedding tables ``embeddings`` freezes, which it records).
     ``heads``: head paths inside the leaf and their per-task copies (always task-indexed)."""
     plan = LeafPlan(copies=dict(heads or {}))
+    policy = embeddings or EmbeddingPolicy()
 
     def join(prefix: str, name: str) -> str:  # the path "" is the model itself (toplevel.py)
         return f"{prefix}.{name}" if prefix and name else prefix or name
@@ -185,7 +189,10 @@ def plan_leaf(leaf: nn.Module, path: str, selected: Callable[[str], bool], loose
                                 if t not in (join(child_path, "weight"), join(child_path, "bias"))]
             elif is_norm(child):
                 plan.norms.append((child_path, child))
-            elif not gates_inside(child, child_path):
+            elif policy.freezes(child):
+                plan.frozen += tensors(child, child_path)
+                policy.record(child_path, child)
+            elif not gates_inside(child, child_path) and not policy.freezes_inside(child):
                 if loose == "task" and tensors(child, child_path):
                     plan.indexed.append((child_path, child))
                 else:

@@ -10,7 +10,7 @@ import torch.fx as fx
 from torch import nn
 
 from .calls import CallRouting
-from .errors import TaskError
+from .errors import InputError, TaskError
 from .example import ExampleCall
 from .gates import HATGate
 from .inputs import VariantGraphs
@@ -87,9 +87,13 @@ class HATNetwork(TaskLifecycle, CallRouting, nn.Module):
         return {id(p) for p in self.parameters()}
 
     # -- forward ---------------------------------------------------------------------------
-    def forward(self, x: Any, task_id: int | torch.Tensor,
+    def forward(self, x: Any = None, task_id: int | torch.Tensor | None = None,
                 mask_scale: float | torch.Tensor | None = None, **inputs: Any) -> Any:
-        """Task ``task_id``'s output: soft gates with a mask scale, hard 0/1 gates without."""
+        """Task ``task_id``'s output: soft gates with a mask scale, hard 0/1 gates without.
+
+        The first input may be given by its name instead (``net(**batch, task_id=t)``)."""
+        if x is None:
+            x = self._first_input(inputs)
         t = self.check_task_id(task_id)
         if mask_scale is not None:
             check_mask_scale(mask_scale)
@@ -143,8 +147,19 @@ class HATNetwork(TaskLifecycle, CallRouting, nn.Module):
                         f"mode and would change the running statistics task {t} reads: call "
                         "net.eval() (not net.model.train()) to evaluate it")
 
+    def _first_input(self, inputs: dict[str, Any]) -> Any:
+        """The first input, given by its name (``input_ids=...``); an error if it is absent."""
+        names = self.layout.signature.names
+        if names and names[0] in inputs:
+            return inputs.pop(names[0])
+        first = f"x or {names[0]}=" if names else "x"
+        raise InputError(f"no first input given to {self.layout.signature.model}: pass {first}"
+                         "... (the network needs it to run and to keep as its example)")
+
     def check_task_id(self, task_id: Any) -> int:
         """``task_id`` as a Python int in ``[0, num_tasks)``, or a ``TaskError`` that says why."""
+        if task_id is None:
+            raise TaskError("no task_id given: call net(x, task_id) or net(..., task_id=t)")
         if isinstance(task_id, torch.Tensor):
             if task_id.ndim != 0 or task_id.dtype.is_floating_point or task_id.is_complex() \
                     or task_id.dtype == torch.bool:

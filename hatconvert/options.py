@@ -12,6 +12,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Sequence
 
+from .embeddings import EMBEDDING_POLICIES
 from .errors import OptionError
 
 __all__ = ["ConversionOptions", "CONVERSION_MASK_INITS", "DEFAULT_MASK_INIT", "MASK_INITS",
@@ -76,9 +77,13 @@ class ConversionOptions:
         "--loose (loose)"))
     auto_leaves: bool = field(default=False, metadata=_doc(
         "keep a submodule whole when tracing breaks inside it, instead of failing"))
+    embeddings: str = field(default="auto", metadata=_doc(
+        "embedding tables: auto freezes those holding a hundredth of the parameters or more "
+        "after task 0 and gives smaller ones the loose policy; loose: all by --loose; "
+        "freeze: all frozen after task 0"))
 
     CHOICES = {"mask_init": CONVERSION_MASK_INITS, "loose": LOOSE_POLICIES,
-               "leaves": LEAF_POLICIES}
+               "leaves": LEAF_POLICIES, "embeddings": EMBEDDING_POLICIES}
 
     def __post_init__(self) -> None:
         n = self.num_tasks
@@ -89,6 +94,7 @@ class ConversionOptions:
                      f" (begin_task also takes {others})")
         check_choice("loose policy", self.loose, LOOSE_POLICIES)
         check_choice("leaves policy", self.leaves, LEAF_POLICIES)
+        check_choice("embeddings policy", self.embeddings, EMBEDDING_POLICIES)
         if not isinstance(self.auto_leaves, bool):
             raise OptionError(f"auto_leaves must be True or False, got {self.auto_leaves!r}")
         object.__setattr__(self, "num_classes", per_task_classes(self.num_classes, n))
@@ -117,9 +123,10 @@ class ConversionOptions:
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "ConversionOptions":
-        """The options a checkpoint stored; a head the conversion did not find becomes False."""
+        """The options a checkpoint stored; a head the conversion did not find becomes False.
+        Files written before the ``embeddings`` option copied tables by the loose policy."""
         names = {f.name for f in fields(cls)}
-        values = {k: v for k, v in config.items() if k in names}
+        values = {"embeddings": "loose", **{k: v for k, v in config.items() if k in names}}
         values["head"] = config.get("head") or False
         return cls(**values)
 

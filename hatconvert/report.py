@@ -65,8 +65,8 @@ class ConversionReport:
             if items:
                 lines.append(f"  {title} ({len(items)}): " + ", ".join(items))
         if lay.top_level:
-            lines.append(f"  the model is kept whole: its own forward does not trace "
-                         f"({lay.top_level}); the layers inside are gated on their outputs, "
+            lines.append(f"  the model is kept whole: {lay.top_level}; the layers inside are "
+                         "gated on their outputs, "
                          "and every input of every layer counts as used by every task (whole "
                          "rows of the units an earlier task uses are protected)")
         if lay.recurrent:
@@ -77,6 +77,8 @@ class ConversionReport:
                          f"they are kept {how}")
         if lay.head_note:
             lines.append(f"  {lay.head_note}")
+        if lay.frozen_embeddings:
+            lines.append(self._embeddings_line())
         frozen = self.frozen_by_model()
         if frozen:
             more = f", and {len(frozen) - SHOWN} more" if len(frozen) > SHOWN else ""
@@ -92,6 +94,15 @@ class ConversionReport:
         lines.append(f"  parameters: {self.original_params:,} -> {self.converted_params:,} "
                      f"(+{self.overhead_percent:.2f}%)")
         return "\n".join(lines)
+
+
+    def _embeddings_line(self) -> str:
+        total = max(self.original_params, 1)
+        tables = [f"{p} ({n:,} parameters, {100 * n / total:.1f}%)"
+                  for p, n in self.layout.frozen_embeddings.items()]
+        return (f"  embedding tables frozen once task 0 ends, not copied per task "
+                f"({len(tables)}): {', '.join(tables)}; convert with embeddings='loose' to "
+                "give them the loose policy (one copy per task) instead")
 
 
 def classify_tensors(gm: nn.Module, layout: Layout) -> dict[str, str]:

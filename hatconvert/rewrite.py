@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
+from .embeddings import EmbeddingPolicy
 from .errors import ConversionError
 from .gates import (HATGate, apply_gate, can_fold_into_norm, can_fold_into_weight,
                     closed_rows_zeroed, gated_layer, scale_rows)
@@ -320,6 +321,7 @@ class Pass:
     layout: Layout
     calls: dict[str, list[fx.Node]]
     leaf_heads: dict[str, list[nn.Module]] | None = None  # heads inside leaves: their copies
+    embeddings: EmbeddingPolicy = field(default_factory=EmbeddingPolicy)
 
     def selected(self, path: str) -> bool:
         """Whether ``path`` passes the ``include``/``exclude`` patterns."""
@@ -329,16 +331,18 @@ class Pass:
 def rewrite(gm: fx.GraphModule, num_tasks: int, *, head: str | list[str] | None,
             head_classes: list[int] | None, mask_init: str, loose: str,
             include: list[str] | None, exclude: list[str] | None,
-            leaves: str = "convert") -> Layout:
+            leaves: str = "convert", embeddings: str = "loose") -> Layout:
     """Rewrite ``gm`` in place into a HAT graph and return what was done.
 
     ``head`` is one module path or several (models with one classifier per branch).
     ``leaves``: ``convert`` gates the layers inside leaf modules (see leaves.py); ``loose``
-    treats every leaf with weights by the ``loose`` policy.
+    treats every leaf with weights by the ``loose`` policy. ``embeddings``: which embedding
+    tables are frozen instead (embeddings.py).
     """
+    policy = EmbeddingPolicy.for_model(embeddings, gm)
     task, scale = add_task_inputs(gm.graph)
     p = Pass(gm, num_tasks, mask_init, loose, include, exclude, leaves, task, scale, Layout(),
-             calls_by_target(gm.graph))
+             calls_by_target(gm.graph), embeddings=policy)
     heads = [] if head is None else [head] if isinstance(head, str) else list(head)
     for path in heads:
         if path not in p.calls and not any(path.startswith(f"{c}.") for c in p.calls):
@@ -374,6 +378,7 @@ def rewrite(gm: fx.GraphModule, num_tasks: int, *, head: str | list[str] | None,
     for target in norm_targets:
         task_index_calls(gm, target, TaskIndexed(gm.get_submodule(target), num_tasks), task)
         p.layout.norms.append(target)
+    p.layout.frozen_embeddings = dict(policy.frozen)
     gm.graph.lint()
     gm.recompile()
     gm.delete_all_unused_submodules()
@@ -395,6 +400,9 @@ def sort_calls(p: Pass, heads: list[str]) -> tuple[list[str], list[str]]:
             gated.append(target)
         elif is_norm(module):
             norms.append(target)
+        elif p.embeddings.freezes(module):
+            p.embeddings.record(target, module)
+            p.layout.frozen_leaves.append(target)
         elif not (p.leaves == "convert" and convert_leaf(p, target)):
             task_index_or_freeze_leaf(p.gm, target, module, p.num_tasks, p.loose, p.task,
                                       p.layout)
@@ -494,7 +502,7 @@ def convert_leaf(p: Pass, target: str) -> bool:
     module = p.gm.get_submodule(target)
     inside = {h: c for h, c in (p.leaf_heads or {}).items() if h.startswith(f"{target}.")}
     plan = plan_leaf(module, target, lambda path: p.selected(path) and path not in inside,
-                     p.loose, heads=inside)
+                     p.loose, heads=inside, embeddings=p.embeddings)
     if not plan.layers:  # nothing to gate inside: the loose policy decides
         if inside:
             raise ConversionError(f"head {', '.join(inside)} sits in leaf '{target}', which "

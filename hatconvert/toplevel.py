@@ -18,6 +18,7 @@ from typing import Any
 
 from torch import nn
 
+from .embeddings import EmbeddingPolicy
 from .errors import ConversionError
 from .gates import HATGate
 from .layers import output_units, unit_dim
@@ -44,8 +45,8 @@ class TopLevel(ScopedLeaf):
 
 def convert_top_level(model: nn.Module, num_tasks: int, *, heads: list[str],
                       head_classes: list[int] | None, mask_init: str, loose: str,
-                      include: list[str] | None, exclude: list[str] | None, reason: str
-                      ) -> tuple[nn.Module, Layout]:
+                      include: list[str] | None, exclude: list[str] | None, reason: str,
+                      embeddings: str = "loose") -> tuple[nn.Module, Layout]:
     """A converted copy of ``model`` kept whole, and what was done (``reason``: why tracing
     could not go on, for the report)."""
     if isinstance(model, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
@@ -61,8 +62,9 @@ def convert_top_level(model: nn.Module, num_tasks: int, *, heads: list[str],
             raise ConversionError(f"head '{path}' is not a module of {type(model).__name__}") \
                 from None
     copies = {h: head_copies(root.get_submodule(h), h, num_tasks, head_classes) for h in heads}
+    policy = EmbeddingPolicy.for_model(embeddings, root)
     plan = plan_leaf(root, "", lambda p: selected(p, include, exclude) and p not in copies,
-                     loose, heads=copies)
+                     loose, heads=copies, embeddings=policy)
     if not plan.layers:
         raise ConversionError(f"{type(model).__name__} does not trace ({reason}) and holds no "
                               "Linear or conv layer to gate inside it")
@@ -77,7 +79,9 @@ def convert_top_level(model: nn.Module, num_tasks: int, *, heads: list[str],
     apply_plan(root, "", plan, num_tasks)
     root.add_module(GATES, gates_root)
     root.hat_gate_names = names
-    return root, _layout(plan, names, copies, reason)
+    layout = _layout(plan, names, copies, reason)
+    layout.frozen_embeddings = dict(policy.frozen)
+    return root, layout
 
 
 def _container(model: nn.Module) -> str:

@@ -1,0 +1,85 @@
+"""HuggingFace ``transformers`` models: converted directly, rebuilt from their config.
+
+transformers 5 has no torch.fx tracer of its own, and its forwards branch on their inputs, on
+the config and on the attention implementation, so plain fx cannot trace them either. A
+``PreTrainedModel`` is therefore never traced: it is kept whole (toplevel.py) and converted
+inside. Its own forward runs with the gates in scope, so every input it takes
+(``input_ids``, ``attention_mask``, ``token_type_ids``, ``pixel_values``, ``input_values``, ...)
+stays an input and its output keeps its type (a ``ModelOutput`` with ``.logits``). Every Linear
+and GPT-2 ``Conv1D`` is gated, norms are task-indexed, large embedding tables are frozen after
+task 0 (embeddings.py), and what is left follows the loose policy. The price of running the
+forward eagerly: every input of every layer counts as used, so whole rows of the units an
+earlier task uses are protected.
+
+The head of a task model (``...ForSequenceClassification`` and the like) is the last layer it
+registers outside its backbone (``model.base_model``): ``classifier``, ``score``,
+``classifier.out_proj``. A backbone (``AutoModel``) has none. A checkpoint stores the class name
+and the config, so ``load`` rebuilds the model with no hub access.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from torch import nn
+
+from .errors import CheckpointError
+from .layers import is_gatable
+
+__all__ = ["KEPT_WHOLE_REASON", "is_pretrained_model", "task_heads", "source_of",
+           "build_from_source"]
+
+KEPT_WHOLE_REASON = "a transformers model, whose own forward runs: transformers 5 has no fx tracer"
+
+
+def is_pretrained_model(model: Any) -> bool:
+    """Whether ``model`` is a ``transformers.PreTrainedModel`` (without importing transformers)."""
+    module = sys.modules.get("transformers")
+    cls = getattr(module, "PreTrainedModel", None) if module is not None else None
+    return isinstance(cls, type) and isinstance(model, cls)
+
+
+def task_heads(model: nn.Module) -> list[str]:
+    """The head of a task model: the last layer it registers outside its backbone. A backbone
+    (a class whose name has no ``For``: ``BertModel``) has no head."""
+    if "For" not in type(model).__name__:
+        return []
+    base = getattr(model, "base_model", model)
+    base_path = next((p for p, m in model.named_modules() if m is base), "")
+    layers = [p for p, m in model.named_modules() if p and is_gatable(m)
+              and not (base_path and (p == base_path or p.startswith(f"{base_path}.")))]
+    return layers[-1:]
+
+
+def source_of(model: nn.Module) -> dict[str, Any]:
+    """What a checkpoint records to rebuild ``model``: its class name and config as JSON."""
+    config = model.config
+    return {"kind": "transformers", "class": type(model).__name__,
+            "config": json.loads(config.to_json_string(use_diff=False)),
+            "attn_implementation": getattr(config, "_attn_implementation", None)}
+
+
+def build_from_source(path: str, source: dict[str, Any]) -> nn.Module:
+    """A fresh model of the class and config ``source`` names (its weights come from the file)."""
+    name = source.get("class")
+    try:
+        import transformers
+    except ImportError:
+        raise CheckpointError(f"{path!r} holds a transformers model ({name}): pip install "
+                              "transformers (or hatconvert[transformers]) to load it, or pass "
+                              "model=") from None
+    cls = getattr(transformers, str(name), None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise CheckpointError(f"{path!r} holds a transformers model of class {name!r}, which "
+                              f"transformers {transformers.__version__} does not have: pass "
+                              "the architecture with model=")
+    try:
+        config = cls.config_class.from_dict(dict(source.get("config") or {}))
+        if source.get("attn_implementation"):
+            config._attn_implementation = source["attn_implementation"]
+        return cls(config).eval()
+    except Exception as exc:  # a config of another transformers version may not fit
+        raise CheckpointError(f"cannot rebuild {name} of {path!r} from its stored config: "
+                              f"{type(exc).__name__}: {exc}") from exc
