@@ -34,7 +34,8 @@ class EmbeddingPolicy:
     @classmethod
     def for_model(cls, mode: str, model: nn.Module) -> "EmbeddingPolicy":
         """The policy for ``model``: sizes are judged against its parameter count."""
-        return cls(mode, sum(p.numel() for p in model.parameters()))
+        return cls(mode, sum(p.numel() for p in model.parameters()
+                             if not isinstance(p, nn.parameter.UninitializedParameter)))
 
     def freezes(self, module: nn.Module) -> bool:
         """Whether ``module`` is an embedding table this policy freezes after task 0."""

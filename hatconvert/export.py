@@ -23,7 +23,7 @@ from .network import HATNetwork
 from .layout import GATES, Layout
 
 __all__ = ['task_state', 'scale_units', 'fold_into_norm', 'gates_behind_norms', 'fold_masks',
-           'check_tied', 'export']
+           'fold_into_weight_norm', 'check_tied', 'export']
 
 
 def task_state(net: HATNetwork, t: int) -> dict[str, torch.Tensor]:
@@ -168,10 +168,34 @@ def fold_masks(state: dict[str, torch.Tensor], net: HATNetwork, t: int) -> None:
             key = f"{path}.{name}"
             if getattr(layer, name, None) is None:
                 continue
+            if key not in state and f"{path}.parametrizations.{name}.original0" in state:
+                fold_into_weight_norm(state, layer, path, name, mask)
+                continue
             if key not in state:
                 raise ExportError(f"cannot fold the gate of layer '{path}': its {name} is not "
                                   "a plain tensor of the layer")
             state[key] = scale_units(state[key], mask, layer, path)
+
+
+def fold_into_weight_norm(state: dict[str, torch.Tensor], layer: nn.Module, path: str,
+                          name: str, mask: torch.Tensor) -> None:
+    """Fold the mask into a weight-normed ``weight = g * v / ||v||`` (torch's ``weight_norm``
+    parametrization, wav2vec2's positional conv): the closed units' rows of ``v`` become zero
+    and ``g`` is rescaled by the norm they leave, so every open row keeps its value."""
+    from torch.nn.utils.parametrizations import _WeightNorm
+    chain = layer.parametrizations[name]
+    if len(chain) != 1 or not isinstance(chain[0], _WeightNorm):
+        raise ExportError(f"cannot fold the gate of layer '{path}': its {name} is computed by "
+                          f"a parametrization ({type(chain[0]).__name__}) that the original "
+                          "architecture cannot be given a closed unit through")
+    g_key, v_key = (f"{path}.parametrizations.{name}.original{i}" for i in (0, 1))
+    g, v = state[g_key], state[v_key]
+    dim = chain[0].dim
+    kept = scale_units(v, mask, layer, path)
+    before, after = torch.norm_except_dim(v, 2, dim), torch.norm_except_dim(kept, 2, dim)
+    empty = after == 0  # nothing open in this slice: its weight is zero either way
+    state[g_key] = torch.where(empty, torch.zeros_like(g), g * after / before.where(~empty, 1))
+    state[v_key] = torch.where(empty.expand_as(v), v, kept)
 
 
 def check_tied(state: dict[str, torch.Tensor], net: HATNetwork) -> None:

@@ -394,3 +394,31 @@ def test_a_pytorch_geometric_network_converts_without_auto_leaves(tmp_path):
     assert net.layout.heads == ["head"]
     ended = train_and_check(net, call, [fixed])
     round_trip(net, ended, fixed, tmp_path, GNN())
+
+
+@pytest.mark.parametrize("dim", [0, 2, None])
+def test_a_weight_normed_layer_is_gated_frozen_after_task_0_and_exported(dim):
+    from torch.nn.utils.parametrizations import weight_norm
+
+    class WeightNormed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = weight_norm(nn.Conv1d(4, 8, 3, padding=1), dim=dim)
+            self.c2, self.fc = nn.Conv1d(8, 8, 3, padding=1), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.c2(torch.relu(self.c1(x)))).mean(-1))
+    torch.manual_seed(0)
+    net = hatconvert.convert(WeightNormed(), 3, num_classes=3)
+    assert "c1" in net.layout.gated
+    assert net.report().tensors["c1.parametrizations.weight.original1"] == "frozen"
+
+    def call(n):
+        return (torch.randn(n, 4, 10),), {}
+    fixed = call(4)
+    train_and_check(net, call, [fixed])
+    assert not bool(net.gates()["c1"].mask(1).all())  # the export has closed units to fold
+    plain = WeightNormed().eval()
+    plain.load_state_dict(hatconvert.export(net, 1))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(fixed[0][0]), net.eval()(fixed[0][0], 1))
