@@ -223,8 +223,8 @@ def convert_kept_whole(model: nn.Module, options: ConversionOptions, name: str,
     layout.signature = Signature(model=name, names=_input_names(model), any_keyword=True)
     if not heads and options.head is None:
         layout.head_note = (f"no head: {name} has no classifier layer hatconvert could find (a "
-                            "backbone), so every layer is gated and no copy per task is made; "
-                            "name one with head='module.path'")
+                            "backbone, or an output layer tied to the word embeddings), so no "
+                            "copy per task is made; name one with head='module.path'")
     dropped = set(layout.dropped)
     original_params = sum(p.numel() for n, p in model.named_parameters() if n not in dropped)
     report = ConversionReport(layout, options.num_tasks, original_params,

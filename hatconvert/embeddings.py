@@ -7,7 +7,9 @@ tasks would triple the model. ``embeddings="auto"`` (the default) freezes every 
 at least ``LARGE_FRACTION`` of the model's parameters (and every table the model already
 freezes) once task 0 ends, and leaves smaller tables (position and token-type tables of a large
 model) to the loose policy; ``"loose"`` gives every table the loose policy; ``"freeze"`` freezes
-every table. The report lists each frozen table with its size.
+every table. A layer whose weight is a frozen table (a language model's output layer tied to its
+word embeddings) is frozen with it, not gated: one tensor cannot be both. The report lists each
+frozen table with its size.
 """
 
 from __future__ import annotations
@@ -30,15 +32,22 @@ class EmbeddingPolicy:
     mode: str = "loose"
     model_params: int = 0
     frozen: dict[str, int] = field(default_factory=dict)  # path -> size of each table frozen
+    tied: set[int] = field(default_factory=set)  # ids of the frozen tables' weights
 
     @classmethod
     def for_model(cls, mode: str, model: nn.Module) -> "EmbeddingPolicy":
         """The policy for ``model``: sizes are judged against its parameter count."""
-        return cls(mode, sum(p.numel() for p in model.parameters()
-                             if not isinstance(p, nn.parameter.UninitializedParameter)))
+        policy = cls(mode, sum(p.numel() for p in model.parameters()
+                               if not isinstance(p, nn.parameter.UninitializedParameter)))
+        policy.tied = {id(m.weight) for m in model.modules() if policy._freezes_table(m)}
+        return policy
 
     def freezes(self, module: nn.Module) -> bool:
-        """Whether ``module`` is an embedding table this policy freezes after task 0."""
+        """Whether ``module`` is an embedding table this policy freezes after task 0, or a
+        layer whose weight is one."""
+        return self._freezes_table(module) or id(module._parameters.get("weight")) in self.tied
+
+    def _freezes_table(self, module: nn.Module) -> bool:
         if not isinstance(module, EMBEDDING_TYPES) or self.mode == "loose":
             return False
         weight = module.weight
@@ -50,5 +59,6 @@ class EmbeddingPolicy:
         return any(self.freezes(m) for m in module.modules())
 
     def record(self, path: str, module: nn.Module) -> None:
-        """Remember a frozen table for the report."""
-        self.frozen[path] = module.weight.numel()
+        """Remember a frozen table (or a layer tied to one) for the report."""
+        tied = "" if isinstance(module, EMBEDDING_TYPES) else " (tied to an embedding table)"
+        self.frozen[path + tied] = module.weight.numel()

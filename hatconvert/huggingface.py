@@ -43,13 +43,17 @@ def is_pretrained_model(model: Any) -> bool:
 
 def task_heads(model: nn.Module) -> list[str]:
     """The head of a task model: the last layer it registers outside its backbone. A backbone
-    (a class whose name has no ``For``: ``BertModel``) has no head."""
+    (a class whose name has no ``For``: ``BertModel``) has none, and neither has a language
+    model whose output layer is tied to its word embeddings (that layer is frozen with them)."""
     if "For" not in type(model).__name__:
         return []
+    tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     base = getattr(model, "base_model", model)
     base_path = next((p for p, m in model.named_modules() if m is base), "")
     layers = [p for p, m in model.named_modules() if p and is_gatable(m)
               and not (base_path and (p == base_path or p.startswith(f"{base_path}.")))]
+    if layers and id(model.get_submodule(layers[-1]).weight) in tied:
+        return []
     return layers[-1:]
 
 

@@ -183,15 +183,15 @@ def plan_leaf(leaf: nn.Module, path: str, selected: Callable[[str], bool], loose
             child_path = join(prefix, name)
             if child_path in plan.copies:
                 plan.indexed.append((child_path, child))
+            elif policy.freezes(child):
+                plan.frozen += tensors(child, child_path)
+                policy.record(child_path, child)
             elif is_gatable(child) and selected(child_path):
                 plan.layers.append((child_path, child))
                 plan.frozen += [t for t in tensors(child, child_path)
                                 if t not in (join(child_path, "weight"), join(child_path, "bias"))]
             elif is_norm(child):
                 plan.norms.append((child_path, child))
-            elif policy.freezes(child):
-                plan.frozen += tensors(child, child_path)
-                policy.record(child_path, child)
             elif not gates_inside(child, child_path) and not policy.freezes_inside(child):
                 if loose == "task" and tensors(child, child_path):
                     plan.indexed.append((child_path, child))

@@ -395,14 +395,14 @@ def sort_calls(p: Pass, heads: list[str]) -> tuple[list[str], list[str]]:
             continue
         if target in read_directly:  # called, and its tensors read too: one frozen copy
             p.layout.frozen_leaves.append(target)
+        elif p.embeddings.freezes(module):
+            p.embeddings.record(target, module)
+            p.layout.frozen_leaves.append(target)
         elif is_gatable(module) and p.selected(target):
             check_initialized(module, target)
             gated.append(target)
         elif is_norm(module):
             norms.append(target)
-        elif p.embeddings.freezes(module):
-            p.embeddings.record(target, module)
-            p.layout.frozen_leaves.append(target)
         elif not (p.leaves == "convert" and convert_leaf(p, target)):
             task_index_or_freeze_leaf(p.gm, target, module, p.num_tasks, p.loose, p.task,
                                       p.layout)

@@ -157,6 +157,11 @@ def test_embedding_policy_applies_to_traced_models_too():
     assert set(frozen.layout.frozen_embeddings) == {"words", "kinds"}
     with pytest.raises(hatconvert.HATError, match="embeddings policy"):
         hatconvert.convert(Tagger(), 2, embeddings="copy")
+    tied = Tagger()
+    tied.out = nn.Linear(16, 500, bias=False)
+    tied.out.weight = tied.words.weight  # a language model's tied output layer
+    net = hatconvert.convert(tied, 2, head=False)
+    assert "out" not in net.layout.gated and "out" in net.layout.frozen_leaves
     # files written before the option copied every table: they still rebuild that way
     assert ConversionOptions.from_config({"num_tasks": 2}).embeddings == "loose"
 
@@ -239,3 +244,35 @@ def test_a_checkpoint_of_a_class_transformers_lacks_is_refused_by_name():
         build_from_source("x.safetensors", {"kind": "transformers", "class": "BertModel",
                                              "config": {"hidden_size": 30,
                                                         "num_attention_heads": 4}})
+
+
+@pytest.mark.parametrize("cls_name", ["GPT2LMHeadModel", "BertForMaskedLM"])
+def test_an_output_layer_tied_to_the_word_embeddings_is_frozen_with_them(cls_name):
+    config = (transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2,
+                                      n_positions=32) if cls_name.startswith("GPT2") else
+              transformers.BertConfig(**hf_models.TEXT))
+    model = getattr(transformers, cls_name)(config).eval()
+    out_layer = next(p for p, m in model.named_modules() if m is model.get_output_embeddings())
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    net = hatconvert.convert(model, 2)
+    assert out_layer not in net.layout.gated and net.layout.heads == []
+    assert f"{out_layer} (tied to an embedding table)" in net.layout.frozen_embeddings
+    tied = net.model.get_output_embeddings().weight
+    assert tied is net.model.get_input_embeddings().weight  # still one tensor
+    ids = hf_models.inputs_for("bert-backbone")["input_ids"]
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.05)
+    ended = {}
+    for t in range(2):
+        net.train()
+        net.begin_task(t)
+        for _ in range(3):
+            loss = net(ids, t, 10.0).logits.pow(2).mean() + net.regularization(t, 10.0)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        net.end_task()
+        net.eval()
+        with torch.no_grad():
+            ended[t] = net(ids, t).logits.clone()
+    with torch.no_grad():
+        assert torch.equal(net(ids, 0).logits, ended[0])
