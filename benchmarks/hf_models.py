@@ -44,6 +44,19 @@ def _features(batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]
     return {"input_features": torch.randn(batch, 16, 64, generator=generator)}
 
 
+def _ending(batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Text whose every row ends with the end token 2 (BART classifies at it)."""
+    out = _text(batch, generator)
+    out["input_ids"][:, -1] = 2
+    out["attention_mask"][:] = 1
+    return out
+
+
+def _choices(batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Two choices per sample: (batch, 2, length) inputs."""
+    return {k: torch.stack([v, v.roll(1, dims=-1)], 1) for k, v in _text(batch, generator).items()}
+
+
 def _entries() -> dict[str, tuple[str, str, dict[str, Any], Callable]]:
     """name -> (model class, config class, config values, input maker)."""
     vit = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -82,12 +95,39 @@ def _entries() -> dict[str, tuple[str, str, dict[str, Any], Callable]]:
                            num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
                            max_position_embeddings=32, num_labels=5, pad_token_id=0),
                       lambda b, g: _text(b, g, pad_left=True)),
+        "bert-choice": ("BertForMultipleChoice", "BertConfig", text(), _choices),
+        "mobilebert-seq": ("MobileBertForSequenceClassification", "MobileBertConfig",
+                           text(embedding_size=16, intra_bottleneck_size=16,
+                                true_hidden_size=16), _text),
+        "bart-seq": ("BartForSequenceClassification", "BartConfig",
+                     dict(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1,
+                          encoder_attention_heads=2, decoder_attention_heads=2,
+                          encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=32,
+                          num_labels=5, pad_token_id=1, bos_token_id=0, eos_token_id=2),
+                     _ending),
+        "t5-encoder": ("T5EncoderModel", "T5Config",
+                       dict(vocab_size=VOCAB, d_model=32, d_kv=16, d_ff=64, num_layers=2,
+                            num_heads=2), _text),
+        "qwen2-seq": ("Qwen2ForSequenceClassification", "Qwen2Config",
+                      dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
+                           num_labels=5, pad_token_id=0),
+                      lambda b, g: _text(b, g, pad_left=True)),
         "vit-image": ("ViTForImageClassification", "ViTConfig", vit, _pixels),
+        "deit-distilled": ("DeiTForImageClassificationWithTeacher", "DeiTConfig", vit, _pixels),
+        "beit-image": ("BeitForImageClassification", "BeitConfig",
+                       dict(vit, use_relative_position_bias=True), _pixels),
+        "dinov2-image": ("Dinov2ForImageClassification", "Dinov2Config",
+                         dict(vit, mlp_ratio=2), _pixels),
+        "resnet-image": ("ResNetForImageClassification", "ResNetConfig",
+                         dict(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1],
+                              num_labels=5), _pixels),
         "swin-image": ("SwinForImageClassification", "SwinConfig",
                        dict(image_size=IMAGE, patch_size=4, embed_dim=16, depths=[1, 1],
                             num_heads=[2, 2], window_size=4, num_labels=5), _pixels),
         "convnext-image": ("ConvNextForImageClassification", "ConvNextConfig", stages, _pixels),
         "wav2vec2-audio": ("Wav2Vec2ForSequenceClassification", "Wav2Vec2Config", wav, _audio),
+        "hubert-audio": ("HubertForSequenceClassification", "HubertConfig", wav, _audio),
         "whisper-audio": ("WhisperForAudioClassification", "WhisperConfig",
                           dict(vocab_size=VOCAB, d_model=32, encoder_layers=2,
                                encoder_attention_heads=2, encoder_ffn_dim=64, decoder_layers=1,

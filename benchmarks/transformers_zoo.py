@@ -54,8 +54,9 @@ def loss_of(out: Any, generator: torch.Generator) -> torch.Tensor:
 
 def forgetting(name: str, tasks: int = 3, steps: int = 4) -> bool:
     """Whether every earlier task's eval output stays bit-identical over ``tasks`` tasks."""
-    net = hatconvert.convert(hf_models.build(name), tasks, num_classes=[3, 5, 4][:tasks]
-                             if "backbone" not in name else None)
+    task_model = "For" in hf_models.class_of(name)  # a backbone has no head to resize
+    net = hatconvert.convert(hf_models.build(name), tasks,
+                             num_classes=[3, 5, 4][:tasks] if task_model else None)
     probe = hf_models.inputs_for(name, seed=99)
     opt = torch.optim.AdamW(net.parameters(), lr=5e-3, weight_decay=0.05)
     generator = torch.Generator().manual_seed(0)

@@ -26,7 +26,7 @@ from typing import Any
 from torch import nn
 
 from .errors import CheckpointError
-from .layers import is_gatable
+from .layers import is_gatable, output_units
 
 __all__ = ["KEPT_WHOLE_REASON", "is_pretrained_model", "task_heads", "source_of",
            "build_from_source"]
@@ -42,9 +42,10 @@ def is_pretrained_model(model: Any) -> bool:
 
 
 def task_heads(model: nn.Module) -> list[str]:
-    """The head of a task model: the last layer it registers outside its backbone. A backbone
-    (a class whose name has no ``For``: ``BertModel``) has none, and neither has a language
-    model whose output layer is tied to its word embeddings (that layer is frozen with them)."""
+    """The heads of a task model: the layers outside its backbone with ``config.num_labels``
+    units (both of DeiT's distilled classifiers), else the last layer it registers there. A
+    backbone (a class whose name has no ``For``: ``BertModel``) has none, and neither has a
+    language model whose output layer is tied to its word embeddings (frozen with them)."""
     if "For" not in type(model).__name__:
         return []
     tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -54,7 +55,9 @@ def task_heads(model: nn.Module) -> list[str]:
               and not (base_path and (p == base_path or p.startswith(f"{base_path}.")))]
     if layers and id(model.get_submodule(layers[-1]).weight) in tied:
         return []
-    return layers[-1:]
+    labels = getattr(getattr(model, "config", None), "num_labels", None)
+    classifiers = [p for p in layers if output_units(model.get_submodule(p)) == labels]
+    return classifiers or layers[-1:]
 
 
 def source_of(model: nn.Module) -> dict[str, Any]:

@@ -192,7 +192,8 @@ def plan_leaf(leaf: nn.Module, path: str, selected: Callable[[str], bool], loose
                                 if t not in (join(child_path, "weight"), join(child_path, "bias"))]
             elif is_norm(child):
                 plan.norms.append((child_path, child))
-            elif not gates_inside(child, child_path) and not policy.freezes_inside(child):
+            elif not gates_inside(child, child_path) and not policy.freezes_inside(child) \
+                    and not any(h.startswith(f"{child_path}.") for h in plan.copies):
                 if loose == "task" and tensors(child, child_path):
                     plan.indexed.append((child_path, child))
                 else:

@@ -105,6 +105,18 @@ def test_the_head_is_the_last_layer_outside_the_backbone_and_a_backbone_has_none
         hatconvert.convert(hf_models.build("bert-backbone"), 2, num_classes=3)
 
 
+@pytest.mark.parametrize("name, heads", [
+    ("deit-distilled", ["cls_classifier", "distillation_classifier"]),  # both give num_labels
+    ("resnet-image", ["classifier.1"])])  # a Linear inside nn.Sequential(Flatten, Linear)
+def test_every_classifier_outside_the_backbone_is_a_head_resized_per_task(name, heads):
+    net = hatconvert.convert(hf_models.build(name), 3, num_classes=CLASSES)
+    assert sorted(net.layout.heads) == heads
+    ended = train(net, name)
+    assert [ended[t].shape[-1] for t in range(3)] == CLASSES
+    # multiple choice scores each choice with one unit, not num_labels: the last layer outside
+    assert hatconvert.convert(hf_models.build("bert-choice"), 2).layout.heads == ["classifier"]
+
+
 def test_large_embedding_tables_are_frozen_after_task_0_and_reported():
     model = hf_models.build("bert-seq")
     net = hatconvert.convert(model, 3)
