@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import hatconvert  # noqa: E402
 import hf_models  # noqa: E402
+from hatconvert.huggingface import FIXED_WIDTH_TASKS  # noqa: E402
 
 
 def fidelity(name: str, tasks: int = 3) -> float:
@@ -54,7 +55,8 @@ def loss_of(out: Any, generator: torch.Generator) -> torch.Tensor:
 
 def forgetting(name: str, tasks: int = 3, steps: int = 4) -> bool:
     """Whether every earlier task's eval output stays bit-identical over ``tasks`` tasks."""
-    task_model = "For" in hf_models.class_of(name)  # a backbone has no head to resize
+    cls = hf_models.class_of(name)  # a backbone has no head, some heads have a fixed width
+    task_model = "For" in cls and not any(k in cls for k in FIXED_WIDTH_TASKS)
     net = hatconvert.convert(hf_models.build(name), tasks,
                              num_classes=[3, 5, 4][:tasks] if task_model else None)
     probe = hf_models.inputs_for(name, seed=99)

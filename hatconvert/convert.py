@@ -20,7 +20,8 @@ from .report import ConversionReport, classify_tensors
 from .layout import Layout
 from .options import DEFAULT_MASK_INIT, ConversionOptions
 from .rewrite import final_layers, output_layers, rewrite
-from .huggingface import KEPT_WHOLE_REASON, is_pretrained_model, source_of, task_heads
+from .huggingface import (KEPT_WHOLE_REASON, check_convertible, is_pretrained_model,
+                          source_of, task_heads)
 from .inputs import Signature
 from .toplevel import convert_top_level
 from .tracing import TopLevelUntraceable, Traced, trace_model
@@ -212,6 +213,8 @@ def convert_kept_whole(model: nn.Module, options: ConversionOptions, name: str,
     else:
         found = classifier_path(model, None)
         heads = [] if found is None else [found] if isinstance(found, str) else found
+    if is_pretrained_model(model):
+        check_convertible(model, heads, options.num_classes)
     if options.num_classes is not None and not heads:
         raise ConversionError(f"{name} is kept whole, and no classifier layer to give "
                               "num_classes to was found; name one with head='module.path'")

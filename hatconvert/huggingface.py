@@ -25,11 +25,11 @@ from typing import Any
 
 from torch import nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConversionError
 from .layers import is_gatable, output_units
 
-__all__ = ["KEPT_WHOLE_REASON", "is_pretrained_model", "task_heads", "source_of",
-           "build_from_source"]
+__all__ = ["KEPT_WHOLE_REASON", "FIXED_WIDTH_TASKS", "is_pretrained_model", "task_heads",
+           "check_convertible", "source_of", "build_from_source"]
 
 KEPT_WHOLE_REASON = "a transformers model, whose own forward runs: transformers 5 has no fx tracer"
 
@@ -58,6 +58,32 @@ def task_heads(model: nn.Module) -> list[str]:
     labels = getattr(getattr(model, "config", None), "num_labels", None)
     classifiers = [p for p in layers if output_units(model.get_submodule(p)) == labels]
     return classifiers or layers[-1:]
+
+
+# Task heads whose width the task fixes (start/end logits, one score per choice, the
+# vocabulary): num_classes cannot resize them, the model's own code reads that width.
+FIXED_WIDTH_TASKS = ("ForMultipleChoice", "ForQuestionAnswering", "ForNextSentencePrediction",
+                     "ForPreTraining", "ForMaskedLM", "ForCausalLM", "LMHeadModel", "ForCTC")
+
+
+def check_convertible(model: nn.Module, heads: list[str], num_classes: Any) -> None:
+    """Refuse what cannot work: gradient checkpointing (its recomputation in backward runs the
+    layers outside the network's forward, without their gates), and ``num_classes`` for a head
+    whose width the task fixes."""
+    if getattr(model, "is_gradient_checkpointing", False):
+        off = ("activation_checkpointing_disable" if hasattr(model,
+               "activation_checkpointing_disable") else "gradient_checkpointing_disable")
+        raise ConversionError(f"{type(model).__name__} has gradient (activation) checkpointing "
+                              "enabled: its backward recomputes layers outside the network's "
+                              f"forward, without their gates; call model.{off}() before "
+                              "converting")
+    fixed = next((k for k in FIXED_WIDTH_TASKS if k in type(model).__name__), None)
+    if fixed is not None and num_classes is not None:
+        raise ConversionError(
+            f"{type(model).__name__} has a head whose width its task fixes "
+            f"({', '.join(heads) or 'its output layer'}; the model's code reads that width): "
+            "num_classes cannot resize it; convert without num_classes (each task still gets "
+            "its own copy of the head)")
 
 
 def source_of(model: nn.Module) -> dict[str, Any]:

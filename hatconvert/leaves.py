@@ -56,7 +56,8 @@ def current_scope(module: nn.Module) -> Scope:
     scope = _SCOPE.get()
     if scope is None:
         raise HATError(f"{type(module).__name__} belongs to a converted leaf of a HAT network and "
-                       "runs only inside the network's forward (it needs the task id and gates)")
+                       "runs only inside the network's forward (it needs the task id and gates); "
+                       "gradient checkpointing, which runs it again in backward, cannot be used")
     return scope
 
 

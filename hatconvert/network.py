@@ -148,10 +148,13 @@ class HATNetwork(TaskLifecycle, CallRouting, nn.Module):
                         "net.eval() (not net.model.train()) to evaluate it")
 
     def _first_input(self, inputs: dict[str, Any]) -> Any:
-        """The first input, given by its name (``input_ids=...``); an error if it is absent."""
+        """The first input, given by its name (``input_ids=...``); an error if it is absent,
+        except for a model kept whole, whose own forward may take others instead."""
         names = self.layout.signature.names
         if names and names[0] in inputs:
             return inputs.pop(names[0])
+        if inputs and self.layout.top_level is not None:
+            return None  # its own forward decides (inputs_embeds instead of input_ids)
         first = f"x or {names[0]}=" if names else "x"
         raise InputError(f"no first input given to {self.layout.signature.model}: pass {first}"
                          "... (the network needs it to run and to keep as its example)")

@@ -185,10 +185,30 @@ def test_inputs_are_given_by_name_and_a_missing_one_is_named():
         by_name = net(**batch, task_id=1).logits
         ids = batch.pop("input_ids")
         assert torch.equal(net(ids, 1, **batch).logits, by_name)
+        embeds = net.model.bert.embeddings.word_embeddings(ids)  # the model's own alternative
+        torch.testing.assert_close(net(inputs_embeds=embeds, task_id=1, **batch).logits, by_name)
     with pytest.raises(InputError, match="input_ids="):
-        net(attention_mask=batch["attention_mask"], task_id=0)
+        net(task_id=0)
     with pytest.raises(TaskError, match="no task_id"):
         net(ids)
+
+
+@pytest.mark.parametrize("name", ["bert-choice", "bert-qa"])
+def test_num_classes_is_refused_for_a_head_whose_width_the_task_fixes(name):
+    model = (hf_models.build(name) if name in hf_models.CATALOGUE else
+             transformers.BertForQuestionAnswering(transformers.BertConfig(**hf_models.TEXT)))
+    with pytest.raises(hatconvert.ConversionError, match="width its task fixes"):
+        hatconvert.convert(model, 3, num_classes=CLASSES)
+    net = hatconvert.convert(model, 3)  # one copy of the head per task, its width kept
+    assert len(net.layout.heads) == 1
+
+
+def test_gradient_checkpointing_is_refused_by_name():
+    model = hf_models.build("bert-seq")
+    enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
+    enable()
+    with pytest.raises(hatconvert.ConversionError, match="checkpointing_disable"):
+        hatconvert.convert(model, 2)
 
 
 RELOAD = """
