@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
+from torch import nn
+
 from .errors import HATError
 from .protection import weight_protection
 
@@ -33,7 +35,8 @@ def gated_sizes(net: "HATNetwork") -> dict[str, int]:
 
 
 def layer_capacity(net: "HATNetwork", tasks: list[int]) -> dict[str, float]:
-    """Per gated layer, the fraction of weights and biases ``tasks`` leave free to train."""
+    """Per gated layer, the fraction of weights and biases ``tasks`` leave free to train;
+    a frozen weight (``requires_grad=False``, weight norm) counts as used once a task ended."""
     sizes = gated_sizes(net)
     if not tasks:
         return {path: 1.0 for path in sizes}
@@ -43,9 +46,19 @@ def layer_capacity(net: "HATNetwork", tasks: list[int]) -> dict[str, float]:
     for path in net.layout.gated:
         layer = net.model.get_submodule(path)
         protect_w, protect_b = weight_protection(layer, out[path], inputs[path])
-        used = protect_w.sum() + (protect_b.sum() if layer.bias is not None else 0)
+        used = layer.weight.numel() if _frozen_weight(layer) else protect_w.sum()
+        if layer.bias is not None:
+            used = used + (layer.bias.numel() if not layer.bias.requires_grad
+                           else protect_b.sum())
         result[path] = 1.0 - float(used) / sizes[path]
     return result
+
+
+def _frozen_weight(layer: nn.Module) -> bool:
+    """A weight no later task can train: frozen by the model, or computed by a
+    parametrization (weight norm) whose tensors are frozen once task 0 ends."""
+    weight = layer._parameters.get("weight")
+    return not isinstance(weight, nn.Parameter) or not weight.requires_grad
 
 
 def overall_capacity(net: "HATNetwork", free: dict[str, float]) -> float:

@@ -58,6 +58,7 @@ def test_a_frozen_backbone_is_reported_frozen_and_stays_bit_identical(tmp_path):
     assert report.tensors["layer1.0.bn1.copies.2.weight"] == "frozen"
     assert report.tensors["fc.copies.1.weight"] == "task-indexed"
     ended = train_and_check(net, images, [call])
+    assert net.capacity() == 0.0  # every gated layer is frozen: nothing is free to train
     for name, before in frozen.items():
         if name.startswith("bn") or ".bn" in name or "downsample.1" in name:
             continue  # norms are task-indexed: their copies are checked through the outputs
@@ -418,6 +419,9 @@ def test_a_weight_normed_layer_is_gated_frozen_after_task_0_and_exported(dim):
     fixed = call(4)
     train_and_check(net, call, [fixed])
     assert not bool(net.gates()["c1"].mask(1).all())  # the export has closed units to fold
+    c1 = net.model.c1  # its weight is frozen after task 0: at most its bias is free
+    assert net.layer_capacity()["c1"] <= c1.bias.numel() / (c1.weight.numel() + c1.bias.numel())
+    assert net.layer_capacity()["c2"] > 0.1
     plain = WeightNormed().eval()
     plain.load_state_dict(hatconvert.export(net, 1))
     with torch.no_grad():
