@@ -3,7 +3,8 @@
 The file holds ``net.state_dict()`` (weights, task embeddings, stored masks, task-indexed copies,
 running statistics, the ``trained`` flags) and string metadata that says how to rebuild the
 network: the source model (a timm name and its keyword arguments, a transformers class and its
-config, or a custom model the caller passes again), the conversion options, the tasks trained and the example input's shape.
+config, or a custom model the caller passes again), the conversion options, the tasks trained
+and the example input's shape.
 """
 
 from __future__ import annotations

@@ -204,16 +204,17 @@ def convert_kept_whole(model: nn.Module, options: ConversionOptions, name: str,
     """A model converted inside and kept whole (``toplevel.py``), because its own forward
     does not trace or is a transformers model's (``reason``); the head is the one given, else
     the transformers task head or timm's classifier, else none."""
+    transformers_model = is_pretrained_model(model)
     if options.head is False:
         heads = []
     elif options.head is not None:
         heads = [options.head] if isinstance(options.head, str) else list(options.head)
-    elif is_pretrained_model(model):
+    elif transformers_model:
         heads = task_heads(model)
     else:
         found = classifier_path(model, None)
         heads = [] if found is None else [found] if isinstance(found, str) else found
-    if is_pretrained_model(model):
+    if transformers_model:
         check_convertible(model, heads, options.num_classes)
     if options.num_classes is not None and not heads:
         raise ConversionError(f"{name} is kept whole, and no classifier layer to give "

@@ -25,6 +25,7 @@ from typing import Any
 
 from torch import nn
 
+from .embeddings import tied_tables
 from .errors import CheckpointError, ConversionError
 from .layers import is_gatable, output_units
 
@@ -48,12 +49,11 @@ def task_heads(model: nn.Module) -> list[str]:
     language model whose output layer is tied to its word embeddings (frozen with them)."""
     if "For" not in type(model).__name__:
         return []
-    tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     base = getattr(model, "base_model", model)
     base_path = next((p for p, m in model.named_modules() if m is base), "")
     layers = [p for p, m in model.named_modules() if p and is_gatable(m)
               and not (base_path and (p == base_path or p.startswith(f"{base_path}.")))]
-    if layers and id(model.get_submodule(layers[-1]).weight) in tied:
+    if layers and id(model.get_submodule(layers[-1]).weight) in tied_tables(model):
         return []
     labels = getattr(getattr(model, "config", None), "num_labels", None)
     classifiers = [p for p in layers if output_units(model.get_submodule(p)) == labels]
@@ -70,9 +70,11 @@ def check_convertible(model: nn.Module, heads: list[str], num_classes: Any) -> N
     """Refuse what cannot work: gradient checkpointing (its recomputation in backward runs the
     layers outside the network's forward, without their gates), and ``num_classes`` for a head
     whose width the task fixes."""
-    if getattr(model, "is_gradient_checkpointing", False):
-        off = ("activation_checkpointing_disable" if hasattr(model,
-               "activation_checkpointing_disable") else "gradient_checkpointing_disable")
+    renamed = hasattr(model, "is_activation_checkpointing")  # transformers 5 renamed it
+    if getattr(model, "is_activation_checkpointing" if renamed else "is_gradient_checkpointing",
+               False):
+        off = "activation" if renamed else "gradient"
+        off = f"{off}_checkpointing_disable"
         raise ConversionError(f"{type(model).__name__} has gradient (activation) checkpointing "
                               "enabled: its backward recomputes layers outside the network's "
                               f"forward, without their gates; call model.{off}() before "

@@ -95,14 +95,13 @@ class ConversionReport:
                      f"(+{self.overhead_percent:.2f}%)")
         return "\n".join(lines)
 
-
     def _embeddings_line(self) -> str:
         total = max(self.original_params, 1)
         tables = [f"{p} ({n:,} parameters, {100 * n / total:.1f}%)"
                   for p, n in self.layout.frozen_embeddings.items()]
         return (f"  embedding tables frozen once task 0 ends, not copied per task "
                 f"({len(tables)}): {', '.join(tables)}; convert with embeddings='loose' to "
-                "give them the loose policy (one copy per task) instead")
+                "give the untied ones the loose policy (one copy per task) instead")
 
 
 def classify_tensors(gm: nn.Module, layout: Layout) -> dict[str, str]:

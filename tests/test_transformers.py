@@ -308,3 +308,7 @@ def test_an_output_layer_tied_to_the_word_embeddings_is_frozen_with_them(cls_nam
             ended[t] = net(ids, t).logits.clone()
     with torch.no_grad():
         assert torch.equal(net(ids, 0).logits, ended[0])
+    loose = hatconvert.convert(model, 2, embeddings="loose")  # a tied table is never copied
+    assert out_layer not in loose.layout.gated
+    assert loose.model.get_output_embeddings().weight is \
+        loose.model.get_input_embeddings().weight
