@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.fx as fx
@@ -21,6 +21,7 @@ from .options import ConversionOptions
 from .penalty import KEEP_OPEN, sparsity_penalty
 from .protection import Guard
 from .report import ConversionReport
+from .statistics import update_statistics
 from .steps import watch
 from .usage import layer_capacity, mask_usage, overall_capacity
 
@@ -196,6 +197,12 @@ class HATNetwork(TaskLifecycle, CallRouting, nn.Module):
         others = self.trained_tasks(excluding=t)
         return sparsity_penalty(list(self.gates().values()), t, others, mask_scale, c, mode,
                                 keep_open)
+
+    def update_statistics(self, task_id: int, batches: Iterable,
+                          device: torch.device | str | None = None) -> int:
+        """Recompute the active task's norm statistics in one pass over ``batches`` under its
+        final masks, before ``end_task`` (``train_task`` does it; see statistics.py)."""
+        return update_statistics(self, task_id, batches, device)
 
     def layer_capacity(self, tasks: list[int] | None = None) -> dict[str, float]:
         """Per gated layer, the fraction of weights and biases still free to train: where the

@@ -19,14 +19,16 @@ def train_task(net: HATNetwork, task_id: int, loader: Iterable, optimizer: torch
                *, epochs: int = 1, loss_fn: Callable[..., torch.Tensor] = F.cross_entropy,
                schedule: str = "linear", s_max: float = 400.0, c: float = 0.75,
                reg_mode: str = "original", keep_open: float = KEEP_OPEN,
-               clip_grad_norm: float | None = 10000.0,
+               clip_grad_norm: float | None = 10000.0, update_statistics: bool = True,
                device: torch.device | str | None = None, progress: bool = True,
                **begin_options: Any) -> list[float]:
     """Train task ``task_id`` on ``loader`` (batches of ``(x, y)``) and end it.
 
     Runs ``begin_task``, ``epochs`` passes with the mask-scale ``schedule`` restarted every
     epoch, the loss plus ``c`` times the sparsity regularization (``reg_mode``, ``keep_open``:
-    see ``HATNetwork.regularization``), and ``end_task``. The
+    see ``HATNetwork.regularization``), with ``update_statistics`` one more pass without
+    gradients that recomputes the task's norm statistics under its final masks
+    (``HATNetwork.update_statistics``), and ``end_task``. The
     optimizer may be kept across tasks. Returns the mean loss of each epoch. Arguments are
     checked before the task begins; if training raises, the task is aborted (``abort_task``).
     """
@@ -43,6 +45,8 @@ def train_task(net: HATNetwork, task_id: int, loader: Iterable, optimizer: torch
     try:
         losses = _epochs(net, task_id, loader, optimizer, epochs, loss_fn, schedule, s_max,
                          (c, reg_mode, keep_open), clip_grad_norm, device, progress)
+        if update_statistics:
+            net.update_statistics(task_id, loader, device=device)
     except BaseException:
         net.abort_task()  # trained tasks are untouched; this one is not marked trained
         raise
