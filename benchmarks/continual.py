@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import math
 import pathlib
 import sys
 import time
@@ -171,10 +172,22 @@ class Settings:
     mask_init: str
     hard_from: float | None
     keep_open: float
+    lr_schedule: str = "constant"
 
 
 def adamw(params, s: Settings) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+
+
+def lr_scheduler(optimizer: torch.optim.Optimizer, s: Settings, steps: int):
+    """``cosine``: the learning rate falls from ``lr`` to 0 over one task's ``steps`` and starts
+    again with the next task (same optimizer); ``constant``: None."""
+    if s.lr_schedule == "constant":
+        return None
+    # LambdaLR scales the optimizer's initial lr, so a kept optimizer starts each task afresh
+    # (CosineAnnealingLR would go on from the previous task's final 0).
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda k: 0.5 * (1.0 + math.cos(math.pi * min(k, steps) / steps)))
 
 
 def run_hat(build, tasks: list[Task], s: Settings) -> dict:
@@ -184,9 +197,11 @@ def run_hat(build, tasks: list[Task], s: Settings) -> dict:
     optimizer = adamw(net.parameters(), s)
     matrix, capacity, usage = [], [], []
     for t, task in enumerate(tasks):
-        hatconvert.train_task(net, t, loader(task, s.batch_size, s.seed + t), optimizer,
-                              epochs=s.epochs, s_max=s.s_max, c=s.c, schedule=s.schedule,
-                              hard_from=s.hard_from, keep_open=s.keep_open, progress=False)
+        batches = loader(task, s.batch_size, s.seed + t)
+        hatconvert.train_task(net, t, batches, optimizer, epochs=s.epochs, s_max=s.s_max, c=s.c,
+                              schedule=s.schedule, hard_from=s.hard_from, keep_open=s.keep_open,
+                              scheduler=lr_scheduler(optimizer, s, s.epochs * len(batches)),
+                              progress=False)
         net.eval()
         matrix.append([accuracy(lambda x, j=j: net(x, j), tasks[j]) if j <= t else None
                        for j in range(len(tasks))])
@@ -242,12 +257,16 @@ def run_separate(build, tasks: list[Task], s: Settings) -> dict:
 
 def train_plain(model: nn.Module, task: Task, optimizer, s: Settings, t: int) -> None:
     model.train()
+    batches = loader(task, s.batch_size, s.seed + t)
+    scheduler = lr_scheduler(optimizer, s, s.epochs * len(batches))
     for _ in range(s.epochs):
-        for x, y in loader(task, s.batch_size, s.seed + t):
+        for x, y in batches:
             loss = F.cross_entropy(model(x), y)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
 
 
 RUNNERS = {"hat": run_hat, "finetune": run_finetune, "separate": run_separate}
@@ -323,6 +342,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                   help="cosine: lr falls to 0 over each task, again from --lr the next")
     p.add_argument("--s-max", type=float, default=400.0)
     p.add_argument("--c", type=float, default=0.75)
     p.add_argument("--schedule", default="linear", choices=SCHEDULES)
@@ -345,7 +366,8 @@ def main(argv=None) -> None:
     test_limit = args.test_per_task or (1000 if quick else None)
     mask_init = args.mask_init or ConversionOptions.default("mask_init")
     s = Settings(epochs, args.batch_size, args.lr, args.weight_decay, args.seed, args.s_max,
-                 args.c, args.schedule, mask_init, args.hard_from, args.keep_open)
+                 args.c, args.schedule, mask_init, args.hard_from, args.keep_open,
+                 args.lr_schedule)
     plan = QUICK.items() if quick else [(b, args.arch) for b in args.benchmark]
     records = []
     for benchmark, archs in plan:

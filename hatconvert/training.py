@@ -20,7 +20,7 @@ def train_task(net: HATNetwork, task_id: int, loader: Iterable, optimizer: torch
                schedule: str = "linear", s_max: float = 400.0, c: float = 0.75,
                reg_mode: str = "original", keep_open: float = KEEP_OPEN,
                clip_grad_norm: float | None = 10000.0, update_statistics: bool = True,
-               device: torch.device | str | None = None, progress: bool = True,
+               scheduler: Any = None, device: torch.device | str | None = None, progress: bool = True,
                **begin_options: Any) -> list[float]:
     """Train task ``task_id`` on ``loader`` (batches of ``(x, y)``) and end it.
 
@@ -28,7 +28,9 @@ def train_task(net: HATNetwork, task_id: int, loader: Iterable, optimizer: torch
     epoch, the loss plus ``c`` times the sparsity regularization (``reg_mode``, ``keep_open``:
     see ``HATNetwork.regularization``), with ``update_statistics`` one more pass without
     gradients that recomputes the task's norm statistics under its final masks
-    (``HATNetwork.update_statistics``), and ``end_task``. The
+    (``HATNetwork.update_statistics``), and ``end_task``. ``scheduler`` (a torch LR scheduler,
+    built for this task: ``CosineAnnealingLR(optimizer, T_max=epochs * len(loader))``) is
+    stepped after every optimizer step. The
     optimizer may be kept across tasks. Returns the mean loss of each epoch. Arguments are
     checked before the task begins; if training raises, the task is aborted (``abort_task``).
     """
@@ -43,8 +45,8 @@ def train_task(net: HATNetwork, task_id: int, loader: Iterable, optimizer: torch
     net.train()
     net.begin_task(task_id, s_max=s_max, **begin_options)
     try:
-        losses = _epochs(net, task_id, loader, optimizer, epochs, loss_fn, schedule, s_max,
-                         (c, reg_mode, keep_open), clip_grad_norm, device, progress)
+        losses = _epochs(net, task_id, loader, (optimizer, scheduler), epochs, loss_fn, schedule,
+                         s_max, (c, reg_mode, keep_open), clip_grad_norm, device, progress)
         if update_statistics:
             net.update_statistics(task_id, loader, device=device)
     except BaseException:
@@ -54,10 +56,11 @@ def train_task(net: HATNetwork, task_id: int, loader: Iterable, optimizer: torch
     return losses
 
 
-def _epochs(net: HATNetwork, task_id: int, loader: Iterable, optimizer: torch.optim.Optimizer,
+def _epochs(net: HATNetwork, task_id: int, loader: Iterable, steps: tuple[Any, Any],
             epochs: int, loss_fn: Callable[..., torch.Tensor], schedule: str, s_max: float,
             penalty: tuple[float, str, float], clip_grad_norm: float | None,
             device: torch.device | str | None, progress: bool) -> list[float]:
+    optimizer, scheduler = steps
     num_batches = len(loader)  # type: ignore[arg-type]
     bar = _progress(epochs * num_batches, f"task {task_id}", progress)
     losses = []
@@ -73,6 +76,8 @@ def _epochs(net: HATNetwork, task_id: int, loader: Iterable, optimizer: torch.op
             if clip_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(net.parameters(), clip_grad_norm)
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             value = loss.item()
             total += value
             if bar is not None:

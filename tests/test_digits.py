@@ -40,3 +40,16 @@ def test_train_task_runs_the_whole_loop():
             accuracies.append(digits.accuracy(net(tasks[0].x_test, 0), tasks[0].y_test))
     assert accuracies[0] > 0.85
     assert accuracies[1] == accuracies[0]
+
+
+def test_train_task_steps_the_scheduler_after_every_optimizer_step():
+    task = digits.digit_tasks(seed=0)[0]
+    net = hatconvert.convert(digits.DigitsNet(), num_tasks=2)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    loader = DataLoader(TensorDataset(task.x_train, task.y_train), batch_size=64)
+    seen = []
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: seen.append(k) or 0.5 ** k)
+    hatconvert.train_task(net, 0, loader, optimizer, epochs=2, progress=False,
+                          scheduler=scheduler)
+    assert seen == list(range(2 * len(loader) + 1))  # built at 0, then one step per batch
+    assert optimizer.param_groups[0]["lr"] == 1e-3 * 0.5 ** (2 * len(loader))
