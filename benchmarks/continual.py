@@ -332,9 +332,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-root", type=pathlib.Path, required=True)
     p.add_argument("--benchmark", choices=BENCHMARKS, nargs="+", default=["split-fmnist"])
     p.add_argument("--arch", choices=models.ARCHS, nargs="+", default=["mlp"])
-    p.add_argument("--methods", choices=METHODS, nargs="+", default=list(METHODS))
+    p.add_argument("--methods", choices=METHODS, nargs="+", default=None,
+                   help="default: all three; with --quick, hat and separate")
     p.add_argument("--quick", action="store_true",
-                   help="every benchmark with a small budget: 2 epochs of 2000 samples per task")
+                   help="every benchmark with a small budget: 2 epochs of 2000 samples per task, "
+                        "HAT against separate networks")
     p.add_argument("--epochs", type=int, default=None, help="per task (default 3, quick 2)")
     p.add_argument("--train-per-task", type=int, default=None,
                    help="training samples per task (default all; quick 2000)")
@@ -369,13 +371,14 @@ def main(argv=None) -> None:
                  args.c, args.schedule, mask_init, args.hard_from, args.keep_open,
                  args.lr_schedule)
     plan = QUICK.items() if quick else [(b, args.arch) for b in args.benchmark]
+    methods = args.methods or (["hat", "separate"] if quick else list(METHODS))
     records = []
     for benchmark, archs in plan:
         tasks = make_tasks(benchmark, args.data_root, train_limit, test_limit, args.seed)
         print(f"\n=== {benchmark}: {len(tasks)} tasks, {len(tasks[0].y_train)} training samples "
               f"per task, {epochs} epoch(s)")
         for arch in archs:
-            for method in args.methods:
+            for method in methods:
                 records.append(run_one(benchmark, arch, method, tasks, s, args.vit_depth))
                 append_record(args.out, records[-1])
     print_table(records)
