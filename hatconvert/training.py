@@ -20,17 +20,18 @@ def train_task(net: HATNetwork, task_id: int, loader: Iterable, optimizer: torch
                schedule: str = "linear", s_max: float = 400.0, c: float = 0.75,
                reg_mode: str = "original", keep_open: float = KEEP_OPEN,
                clip_grad_norm: float | None = 10000.0, update_statistics: bool = True,
-               scheduler: Any = None, device: torch.device | str | None = None, progress: bool = True,
-               **begin_options: Any) -> list[float]:
+               scheduler: Any = None, device: torch.device | str | None = None,
+               progress: bool = True, **begin_options: Any) -> list[float]:
     """Train task ``task_id`` on ``loader`` (batches of ``(x, y)``) and end it.
 
     Runs ``begin_task``, ``epochs`` passes with the mask-scale ``schedule`` restarted every
     epoch, the loss plus ``c`` times the sparsity regularization (``reg_mode``, ``keep_open``:
     see ``HATNetwork.regularization``), with ``update_statistics`` one more pass without
     gradients that recomputes the task's norm statistics under its final masks
-    (``HATNetwork.update_statistics``), and ``end_task``. ``scheduler`` (a torch LR scheduler,
-    built for this task: ``CosineAnnealingLR(optimizer, T_max=epochs * len(loader))``) is
-    stepped after every optimizer step. The
+    (``HATNetwork.update_statistics``), and ``end_task``. ``scheduler``, a torch LR scheduler
+    built for this task, is stepped after every optimizer step: with an optimizer kept across
+    tasks use one that scales the initial rate, such as ``LambdaLR`` (``CosineAnnealingLR``
+    rebuilt on it goes on from the previous task's final rate). The
     optimizer may be kept across tasks. Returns the mean loss of each epoch. Arguments are
     checked before the task begins; if training raises, the task is aborted (``abort_task``).
     """
