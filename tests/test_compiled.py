@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import hatconvert
 
@@ -49,16 +48,7 @@ def test_a_compiled_training_step_keeps_earlier_tasks_bit_identical(name):
     compiled = torch.compile(net, backend="aot_eager")
     for t in (1, 2):
         weights = {k: v.clone() for k, v in net.state_dict().items()}
-        net.train()
-        net.begin_task(t)
-        for b in range(4):
-            s = hatconvert.mask_scale(b, 4)
-            loss = F.cross_entropy(compiled(x, t, s), y) + net.regularization(t, s)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        net.update_statistics(t, [x])
-        net.end_task()
+        train(net, opt, t, x, y, forward=compiled)
         moved = [k for k, v in net.state_dict().items() if not torch.equal(v, weights[k])]
         assert moved  # the compiled steps trained task t
         assert torch.equal(eval_out(net, x, 0), before)
