@@ -51,10 +51,10 @@ class AlexNetLike(nn.Module):
         return self.head(self.drop2(F.relu(self.fc2(x))))
 
 
-def builder(arch: str, vit_depth: int = 4) -> Callable[[int], nn.Module]:
+def builder(arch: str, vit_depth: int = 4, mlp_hidden: int = 1000) -> Callable[[int], nn.Module]:
     """A function ``classes -> fresh randomly initialised model`` for ``arch``."""
     if arch == "mlp":
-        return MLP
+        return lambda classes: MLP(classes, mlp_hidden)
     if arch == "alexnet":
         return AlexNetLike
     import timm

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 __all__ = ['HATError', 'ConversionError', 'OptionError', 'TaskError', 'CheckpointError',
-           'ExportError', 'InputError', 'one_line']
+           'ExportError', 'InputError', 'MixedBatchError', 'one_line']
 
 
 class HATError(Exception):
@@ -36,6 +36,11 @@ class CheckpointError(HATError):
 
 class ExportError(HATError):
     """A task cannot be exported as plain weights; the message names the layer at fault."""
+
+
+class MixedBatchError(HATError, ValueError):
+    """A batch of several tasks (``net(x, task_id=ids)``) cannot run in one pass for this model;
+    the message names the input, parameter or layer output at fault. One task per call works."""
 
 
 def one_line(message: object, keep: int = 5) -> str:

@@ -16,6 +16,7 @@ from .gates import HATGate
 from .inputs import VariantGraphs
 from .layers import updates_statistics
 from .layout import Layout
+from .mixed import MixedRunner, mixed_forward
 from .lifecycle import TaskLifecycle
 from .options import ConversionOptions
 from .penalty import KEEP_OPEN, sparsity_penalty
@@ -53,6 +54,7 @@ class HATNetwork(TaskLifecycle, CallRouting, nn.Module):
         self._guard: Guard | None = None
         self._needs_arming = False
         self._variants = VariantGraphs(variants)  # a graph per set of optional inputs given
+        self._mixed = MixedRunner()  # the graphs' mixed-task twins (net(x, task_id=ids))
         self._examples: dict[tuple[str, ...], ExampleCall] = {}  # per graph: shapes to propagate
         self._protected_once = False  # trained tasks were protected: no new kind of call
         self._last_scale: float | None = None
@@ -76,6 +78,7 @@ class HATNetwork(TaskLifecycle, CallRouting, nn.Module):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("_mixed", MixedRunner())
         watch(self)
 
     @property
@@ -92,9 +95,13 @@ class HATNetwork(TaskLifecycle, CallRouting, nn.Module):
                 mask_scale: float | torch.Tensor | None = None, **inputs: Any) -> Any:
         """Task ``task_id``'s output: soft gates with a mask scale, hard 0/1 gates without.
 
-        The first input may be given by its name instead (``net(**batch, task_id=t)``)."""
+        The first input may be given by its name instead (``net(**batch, task_id=t)``). In eval
+        mode ``task_id`` may be a ``(batch,)`` tensor: each sample runs with its own task
+        (mixed.py); heads of different class counts are padded with -inf to the widest."""
         if x is None:
             x = self._first_input(inputs)
+        if isinstance(task_id, torch.Tensor) and task_id.ndim == 1:
+            return mixed_forward(self, x, task_id, mask_scale, inputs)
         t = self.check_task_id(task_id)
         if mask_scale is not None:
             check_mask_scale(mask_scale)
@@ -115,11 +122,13 @@ class HATNetwork(TaskLifecycle, CallRouting, nn.Module):
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "HATNetwork":
         """``.to()``, ``.half()`` and the like may replace tensors: rebuild the variants."""
         self._variants.invalidate()
+        self._mixed.invalidate()
         return super()._apply(fn, *args, **kwargs)
 
     def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
         """``nn.Module.load_state_dict``; graphs of optional inputs are rebuilt afterwards."""
         self._variants.invalidate()
+        self._mixed.invalidate()
         return super().load_state_dict(*args, **kwargs)
 
     def _check_training_forward(self, t: int, mask_scale: Any) -> None:
@@ -167,8 +176,9 @@ class HATNetwork(TaskLifecycle, CallRouting, nn.Module):
         if isinstance(task_id, torch.Tensor):
             if task_id.ndim != 0 or task_id.dtype.is_floating_point or task_id.is_complex() \
                     or task_id.dtype == torch.bool:
-                raise TaskError(f"task_id must be an int or a 0-dim integer tensor, got a tensor "
-                                f"of shape {tuple(task_id.shape)} and dtype {task_id.dtype}")
+                raise TaskError(f"task_id must be an int or a 0-dim integer tensor (in eval mode "
+                                f"also one id per sample, shape (batch,)), got a tensor of shape "
+                                f"{tuple(task_id.shape)} and dtype {task_id.dtype}")
             task_id = int(task_id.item())
         elif isinstance(task_id, bool) or not isinstance(task_id, int):
             raise TaskError(f"task_id must be an int or a 0-dim integer tensor, "
