@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_task_command(exp, "the task to export", "the .safetensors file to write")
     exp.add_argument("--allow-untrained", action="store_true",
                      help="export a task that was never trained (its initial masks)")
+    exp.add_argument("--prune", action="store_true",
+                     help="write a torch.export program (.pt2) without the units the task "
+                          "leaves closed; it runs with plain PyTorch: "
+                          "torch.export.load(FILE).module()(x)")
 
     forg = commands.add_parser(
         "forget", help="release the units only one task used and save the result",
@@ -205,8 +209,14 @@ def run_export(args: argparse.Namespace) -> int:
     with progress(2, "export") as bar:
         net = load_checkpoint(args.checkpoint, bar)
         bar.set_postfix_str(f"writing {args.output}")
-        state = export(net, args.task, args.output, allow_untrained=args.allow_untrained)
+        state = export(net, args.task, args.output, allow_untrained=args.allow_untrained,
+                       prune=args.prune)
         bar.update(1)
+    if args.prune:
+        kept = sum(p.numel() for p in state.parameters())
+        print(f"task {args.task} exported to {args.output}: a pruned torch.export program, "
+              f"{kept} parameters")
+        return 0
     head = net.layout.heads[0] if net.layout.heads else None
     classes = f", {state[head + '.weight'].shape[0]} classes" if head and \
         f"{head}.weight" in state else ""

@@ -20,6 +20,7 @@ from .errors import ExportError, TaskError
 from .layers import gate_behind_norm, is_cond_conv
 from .registry import layer_spec
 from .network import HATNetwork
+from .pruned import export_program
 from .layout import GATES, Layout
 
 __all__ = ['task_state', 'scale_units', 'fold_into_norm', 'gates_behind_norms', 'fold_masks',
@@ -215,9 +216,12 @@ def check_tied(state: dict[str, torch.Tensor], net: HATNetwork) -> None:
 
 
 def export(net: HATNetwork, task_id: int, path: str | os.PathLike | None = None, *,
-           model: nn.Module | None = None, allow_untrained: bool = False
-           ) -> dict[str, torch.Tensor]:
+           model: nn.Module | None = None, allow_untrained: bool = False, prune: bool = False
+           ) -> dict[str, torch.Tensor] | torch.export.ExportedProgram:
     """Task ``task_id`` as a plain state dict of the original model; written to ``path`` if given.
+
+    ``prune=True`` returns (and writes, as ``.pt2``) a ``torch.export`` program instead, without
+    the units the task leaves closed (pruned.py): it runs with plain PyTorch.
 
     The keys are exactly those of the original model's ``state_dict()``; create that model with
     the task's class count and ``load_state_dict`` the result. ``model`` (the original) supplies
@@ -234,6 +238,8 @@ def export(net: HATNetwork, task_id: int, path: str | os.PathLike | None = None,
     if not bool(net.trained[t]) and not allow_untrained:
         raise TaskError(f"task {t} is not trained (trained tasks: {net.trained_tasks()}); "
                         "pass allow_untrained=True to export its initial masks anyway")
+    if prune:
+        return export_program(net, t, target)
     state = task_state(net, t)
     fold_masks(state, net, t)
     check_tied(state, net)

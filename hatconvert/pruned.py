@@ -1,0 +1,435 @@
+"""Pruned export: one task as a standalone ``torch.export`` program without its closed units.
+
+A graph pass (``Pruner``) copies the HAT graph for task ``t`` with every gate made a constant,
+and gives each gated layer only the rows of the units ``t`` opens. Its output stays *compact*
+(only those units, along the unit dim) for as long as what reads it keeps zeros at zero and
+acts per unit: activations, dropout, pooling, a flatten, a norm whose gate sits behind it, a
+sum of two tensors compact on the same units, and the next gated layer, which then takes only
+the matching input columns. Anything else gets the full tensor back, zeros in the closed
+units (``expand_units``): residual streams, concatenations, attention reshapes run as they
+were. The result is exact by construction: a closed unit is zero in the HAT network too.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import operator
+import pathlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ExportError
+from .gates import HATGate, apply_gate, closed_rows_zeroed, gated_layer, scale_rows
+from .layers import (TaskIndexed, TaskParameter, gate_behind_norm, norm_channel_dim,
+                     normalizes_each_unit)
+from .leaves import ScopedLeaf
+from .op_rules import ELEMENTWISE_MODULES, STRUCTURAL_MODULES, is_elementwise
+
+__all__ = ['Compact', 'expand_units', 'Pruner', 'node_shapes']
+
+_POOLS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+          F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+          F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d}
+_POOL_MODULES = tuple(m for m in STRUCTURAL_MODULES if "Pool" in m.__name__)
+_SUMS = {"add", "__add__", "sub", "__sub__"}
+
+
+@dataclass
+class Compact:
+    """A tensor of which only the units ``index`` (along ``dim``, of ``size``) are kept; the
+    others are zero."""
+
+    node: fx.Node
+    dim: int
+    index: torch.Tensor
+    size: int
+
+
+def expand_units(compact: torch.Tensor, index: torch.Tensor, size: int, dim: int
+                 ) -> torch.Tensor:
+    """The full tensor: ``compact`` at positions ``index`` of ``dim``, zeros elsewhere."""
+    shape = list(compact.shape)
+    shape[dim] = size
+    return compact.new_zeros(shape).index_copy(dim, index, compact)
+
+
+class _Shapes(fx.Interpreter):
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        self.shapes[n] = tuple(out.shape) if isinstance(out, torch.Tensor) else None
+        return out
+
+
+@torch.no_grad()
+def node_shapes(gm: fx.GraphModule, args: list[Any]) -> dict[fx.Node, tuple | None]:
+    """The output shape of every node of ``gm`` on ``args`` (one per placeholder)."""
+    interpreter = _Shapes(gm)
+    interpreter.shapes = {}
+    interpreter.run(*args)
+    return interpreter.shapes
+
+
+class Pruner:
+    """Builds the pruned graph of task ``t`` node by node (see the module docstring)."""
+
+    def __init__(self, gm: fx.GraphModule, t: int, shapes: dict[fx.Node, tuple | None],
+                 inputs: dict[fx.Node, Any], prune: bool = True):
+        self.gm, self.t, self.shapes, self.inputs = gm, t, shapes, inputs
+        self.prune = prune  # False: the same program with every unit kept (to compare)
+        self.graph = fx.Graph()
+        self.attrs: dict[str, Any] = {}
+        self.env: dict[fx.Node, Any] = {}
+        self.masks: dict[fx.Node, torch.Tensor] = {}  # gate nodes: task t's bool mask
+
+    # -- the new graph's pieces ----------------------------------------------------------------
+    def attr(self, name: str, value: Any) -> fx.Node:
+        """A module or tensor the new graph reads, under a fresh name."""
+        key = f"{name.replace('.', '_')}_{len(self.attrs)}"
+        self.attrs[key] = value
+        return self.graph.get_attr(key)
+
+    def full(self, value: Any) -> Any:
+        """``value`` for an op that needs whole tensors: a compact one expanded with zeros."""
+        if isinstance(value, Compact):
+            index = self.attr("kept", value.index)
+            return self.graph.call_function(expand_units, (value.node, index, value.size,
+                                                           value.dim))
+        if isinstance(value, (tuple, list)):
+            return type(value)(self.full(v) for v in value)
+        if isinstance(value, dict):
+            return {k: self.full(v) for k, v in value.items()}
+        return value
+
+    def arg(self, a: Any) -> Any:
+        """An old argument in the new graph (gates as constant masks, compact kept)."""
+        if isinstance(a, fx.Node):
+            if a in self.masks:
+                return self.attr("mask", self.masks[a])
+            return self.env[a]
+        if isinstance(a, (tuple, list)):
+            return type(a)(self.arg(v) for v in a)
+        if isinstance(a, dict):
+            return {k: self.arg(v) for k, v in a.items()}
+        return a
+
+    def copy_node(self, n: fx.Node, target: Any = None) -> fx.Node:
+        """``n`` as it was, on whole tensors."""
+        args, kwargs = self.full(self.arg(n.args)), self.full(self.arg(n.kwargs))
+        op = n.op
+        if op == "call_module":
+            module = self.gm.get_submodule(n.target) if target is None else target
+            return self.graph.call_module(self._module_name(n.target, module), args, kwargs)
+        return self.graph.create_node(op, n.target if target is None else target, args, kwargs)
+
+    def _module_name(self, path: str, module: nn.Module) -> str:
+        key = f"{path.replace('.', '_')}_m{len(self.attrs)}"
+        self.attrs[key] = module
+        return key
+
+    # -- the pass ------------------------------------------------------------------------------
+    def run(self) -> fx.GraphModule:
+        for n in self.gm.graph.nodes:
+            self.env[n] = self.node(n)
+        gm = fx.GraphModule(self.attrs, self.graph, class_name="PrunedTask")
+        gm.graph.eliminate_dead_code()
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+        return gm.eval()
+
+    def node(self, n: fx.Node) -> Any:  # noqa: C901 - one branch per kind of node
+        if n.op == "placeholder":
+            if n in self.inputs:
+                return self.inputs[n]
+            return self.graph.placeholder(n.target)
+        if n.op == "output":
+            return self.graph.output(self.full(self.arg(n.args[0])))
+        if n.op == "get_attr":
+            return self.attr(n.target, _attr(self.gm, n.target))
+        if n.op == "call_module":
+            return self.module_call(n, self.gm.get_submodule(n.target))
+        if n.op == "call_function" and n.target in (gated_layer, closed_rows_zeroed):
+            return self.gated(n, self.gm.get_submodule(n.args[1].target), self.masks[n.args[2]])
+        if n.op == "call_function" and n.target is apply_gate:
+            return self.gate_output(n)
+        if n.op == "call_function" and n.target is scale_rows:
+            return self.graph.call_function(scale_rows, self.full(self.arg(n.args)))
+        return self.keeps_units(n) or self.copy_node(n)
+
+    def module_call(self, n: fx.Node, module: nn.Module) -> Any:
+        if isinstance(module, HATGate):
+            self.masks[n] = (module.embedding[self.t] > 0).detach().clone()
+            return None
+        if isinstance(module, TaskParameter):
+            return self.attr(n.target, module.copies[self.t])
+        if isinstance(module, TaskIndexed):
+            return self.task_module(n, module.copies[self.t])
+        if isinstance(module, ScopedLeaf) and "hat_task_id" in n.kwargs:
+            kwargs = {**n.kwargs, "hat_task_id": self.t}
+            args = self.full(self.arg(n.args))
+            return self.graph.call_module(self._module_name(n.target, module), args,
+                                          self.full(self.arg(kwargs)))
+        return self.keeps_units(n) or self.copy_node(n)
+
+    # -- gated layers ----------------------------------------------------------------------------
+    def gated(self, n: fx.Node, layer: nn.Module, mask: torch.Tensor) -> Any:
+        """A gated Linear or ConvNd with only the open rows and the input columns it is given."""
+        x = self.arg(n.args[0])
+        rows = mask.nonzero().squeeze(1)
+        dim = self._ndim(n) - 1 if isinstance(layer, nn.Linear) else 1
+        kind = _layer_kind(layer) if self.prune else None
+        if kind is None:
+            return self.graph.call_function(n.target, (self.full(x), self.attr(n.args[1].target,
+                                                       layer), self.attr("mask", mask)))
+        if kind == "depthwise":
+            new, inp = self._depthwise(layer, rows, x)
+        else:
+            in_dim = len(self.shapes[n.args[0]]) - 1 if isinstance(layer, nn.Linear) else 1
+            cols = x.index if isinstance(x, Compact) and x.dim == in_dim else None
+            inp = x.node if cols is not None else self.full(x)
+            new = _sliced(layer, rows, cols)
+        out = self.graph.call_module(self._module_name(n.args[1].target, new), (inp,))
+        return Compact(out, dim, rows, mask.numel())
+
+    def _depthwise(self, layer: nn.Module, rows: torch.Tensor, x: Any) -> tuple[nn.Module, Any]:
+        """Channel ``c`` reads input channel ``c``: pick the open ones from the input."""
+        if isinstance(x, Compact) and x.dim == 1 and bool(torch.isin(rows, x.index).all()):
+            where = torch.searchsorted(x.index, rows)
+            inp = self.graph.call_method("index_select", (x.node, 1, self.attr("rows", where)))
+        else:
+            inp = self.graph.call_method("index_select", (self.full(x), 1, self.attr("rows",
+                                                                                     rows)))
+        return _sliced(layer, rows, None, groups=len(rows)), inp
+
+    def gate_output(self, n: fx.Node) -> Any:
+        """A gate on a layer's output that could not be folded: keep the open units only."""
+        site, mask, dim = self.arg(n.args[0]), self.masks[n.args[1]], n.args[2]
+        dim = dim % self._ndim(n)
+        rows = mask.nonzero().squeeze(1)
+        if isinstance(site, Compact) and site.dim == dim and torch.equal(site.index, rows):
+            return site
+        kept = self.graph.call_method("index_select", (self.full(site), dim,
+                                                       self.attr("rows", rows)))
+        return Compact(kept, dim, rows, mask.numel())
+
+    def task_module(self, n: fx.Node, module: nn.Module) -> Any:
+        """Task ``t``'s copy of a norm, head or leaf; a per-unit norm runs on kept units."""
+        gate = n.kwargs.get("gate")
+        x = self.arg(n.args[0]) if n.args else None
+        if gate is not None and isinstance(x, Compact) and normalizes_each_unit(module) \
+                and isinstance(module, nn.modules.batchnorm._BatchNorm) and x.dim == 1 \
+                and gate_behind_norm(module, torch.empty(self.shapes[n.args[0]], device="meta"),
+                                     n.kwargs.get("gate_dim", 1)) \
+                and len(n.args) == 1:
+            rows = self.masks[gate].nonzero().squeeze(1)
+            if torch.equal(rows, x.index):
+                out = self.graph.call_module(self._module_name(n.target, _sliced_norm(module,
+                                                                                      rows)),
+                                             (x.node,))
+                return Compact(out, 1, rows, x.size)
+        kwargs = {k: v for k, v in n.kwargs.items() if k not in ("task_id", "gate", "gate_dim")}
+        args = self.full(self.arg(n.args))
+        if gate is not None:
+            owner = self.graph.get_attr(self._module_name(n.target, module))
+            return self.graph.call_function(_gate_norm, (owner, self.attr("mask", self.masks[gate]),
+                                                         n.kwargs.get("gate_dim", 1), *args))
+        return self.graph.call_module(self._module_name(n.target, module), args,
+                                      self.full(self.arg(kwargs)))
+
+    # -- ops that keep a compact tensor compact ------------------------------------------------
+    def keeps_units(self, n: fx.Node) -> Any:
+        """The op on the kept units alone, when that gives the same numbers; else None."""
+        args = self.arg(n.args)
+        compact = [a for a in args if isinstance(a, Compact)]
+        if not compact or n.kwargs and any(isinstance(v, fx.Node) for v in n.kwargs.values()):
+            return None
+        c = compact[0]
+        rest = [a for a in args if a is not c]
+        if n.target in _SUMS or n.target in (torch.add, torch.sub, operator.add, operator.sub):
+            if len(compact) == 2 and len(args) == 2 and compact[1].dim == c.dim \
+                    and torch.equal(compact[1].index, c.index):
+                out = self.graph.create_node(n.op, n.target, (c.node, compact[1].node),
+                                             dict(n.kwargs))
+                return Compact(out, c.dim, c.index, c.size)
+            return None
+        if len(compact) != 1 or args[0] is not c or any(isinstance(a, fx.Node) for a in rest):
+            return None
+        if not self._per_unit(n, c):
+            return None
+        out = self._on_compact(n, c)
+        return out if out is None or isinstance(out, Compact) else Compact(out, c.dim, c.index,
+                                                                           c.size)
+
+    def _per_unit(self, n: fx.Node, c: Compact) -> bool:
+        """Whether ``n`` acts on each unit alone and keeps zeros at zero."""
+        if n.op == "call_module":
+            module = self.gm.get_submodule(n.target)
+            if isinstance(module, _POOL_MODULES) or isinstance(module, nn.Flatten):
+                return c.dim == 1
+            return isinstance(module, ELEMENTWISE_MODULES) and _zero_at_zero(module, (), {})
+        if n.target in _POOLS:
+            return c.dim == 1
+        if n.target in (torch.flatten, "flatten"):
+            return c.dim == 1
+        if n.op in ("call_function", "call_method") and is_elementwise(n.target):
+            fn = getattr(torch.Tensor, n.target) if n.op == "call_method" else n.target
+            return _zero_at_zero(fn, tuple(n.args[1:]), dict(n.kwargs))
+        return False
+
+    def _on_compact(self, n: fx.Node, c: Compact) -> Any:
+        flatten = n.target in (torch.flatten, "flatten") or n.op == "call_module" and isinstance(
+            self.gm.get_submodule(n.target), nn.Flatten)
+        if flatten:
+            return self._flatten(n, c)
+        args = (c.node,) + tuple(n.args[1:])
+        if n.op == "call_module":
+            return self.graph.call_module(self._module_name(n.target,
+                                                            self.gm.get_submodule(n.target)),
+                                          args, dict(n.kwargs))
+        return self.graph.create_node(n.op, n.target, args, dict(n.kwargs))
+
+    def _flatten(self, n: fx.Node, c: Compact) -> Any:
+        """``flatten(x, 1)`` of ``(B, C, ...)``: unit ``u`` becomes features ``u * rest ...``."""
+        shape = self.shapes[n.args[0]]
+        start = n.args[1] if len(n.args) > 1 else n.kwargs.get("start_dim", 1)
+        end = n.args[2] if len(n.args) > 2 else n.kwargs.get("end_dim", -1)
+        if n.op == "call_module":
+            module = self.gm.get_submodule(n.target)
+            start, end = module.start_dim, module.end_dim
+        if start != 1 or end not in (-1, len(shape) - 1) or len(shape) < 2:
+            return None
+        rest = int(torch.tensor(shape[2:]).prod()) if len(shape) > 2 else 1
+        index = (c.index[:, None] * rest + torch.arange(rest)).flatten()
+        out = self.graph.call_function(torch.flatten, (c.node, 1))
+        return Compact(out, 1, index, c.size * rest)
+
+    def _ndim(self, n: fx.Node) -> int:
+        shape = self.shapes.get(n)
+        if shape is None:
+            raise ExportError(f"no shape is known for graph node '{n.name}'")
+        return len(shape)
+
+
+def _attr(gm: fx.GraphModule, target: str) -> Any:
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name)
+
+
+def _gate_norm(norm: nn.Module, mask: torch.Tensor, gate_dim: int, x: torch.Tensor,
+               *rest: Any) -> torch.Tensor:
+    """A task's norm with the gate of the layer before, on the side the HAT graph puts it."""
+    if not gate_behind_norm(norm, x, gate_dim):
+        return norm(apply_gate(x, mask, gate_dim), *rest)
+    return apply_gate(norm(x, *rest), mask, norm_channel_dim(norm, x))
+
+
+def _zero_at_zero(fn: Any, rest: tuple, kwargs: dict) -> bool:
+    try:
+        out = fn(torch.zeros(4), *rest, **kwargs)
+    except Exception:
+        return False
+    return isinstance(out, torch.Tensor) and bool((out == 0).all())
+
+
+def _layer_kind(layer: nn.Module) -> str | None:
+    """``dense`` (Linear, ConvNd with one group), ``depthwise``, or None (left whole)."""
+    if type(layer) is nn.Linear:
+        return "dense"
+    if type(layer) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and layer.padding_mode == "zeros":
+        if layer.groups == 1:
+            return "dense"
+        if layer.groups == layer.in_channels == layer.out_channels:
+            return "depthwise"
+    return None
+
+
+def _sliced(layer: nn.Module, rows: torch.Tensor, cols: torch.Tensor | None,
+            groups: int | None = None) -> nn.Module:
+    """A copy of ``layer`` with output units ``rows`` and input features ``cols``."""
+    weight = layer.weight.detach()[rows]
+    if cols is not None:
+        weight = weight[:, cols]
+    bias = None if layer.bias is None else layer.bias.detach()[rows].clone()
+    if isinstance(layer, nn.Linear):
+        new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    else:
+        new = type(layer)(weight.shape[1] * (groups or 1), weight.shape[0], layer.kernel_size,
+                          layer.stride, layer.padding, layer.dilation, groups or 1,
+                          bias is not None)
+    new = new.to(weight.device, weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if bias is not None:
+            new.bias.copy_(bias)
+    return new.eval()
+
+
+def _sliced_norm(norm: nn.Module, rows: torch.Tensor) -> nn.Module:
+    """A copy of a BatchNorm (activation and all, for timm's ``BatchNormAct2d``) with the
+    channels ``rows`` only."""
+    new = copy.deepcopy(norm)
+    new.num_features = len(rows)
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            if getattr(norm, name) is not None:
+                setattr(new, name, nn.Parameter(getattr(norm, name).detach()[rows].clone()))
+        for name in ("running_mean", "running_var"):
+            if getattr(norm, name) is not None:
+                setattr(new, name, getattr(norm, name).detach()[rows].clone())
+    return new.eval()
+
+
+def _bound_inputs(gm: fx.GraphModule, t: int, x: torch.Tensor
+                  ) -> tuple[dict[fx.Node, Any], list[Any]]:
+    """Task ``t``, hard gates, and every input but the first at the value tracing fixed."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    bound: dict[fx.Node, Any] = {}
+    args: list[Any] = [x]
+    for p in placeholders[1:]:
+        value = t if p.target == "task_id" else p.args[0] if p.args else None
+        if p.target not in ("task_id", "mask_scale") and not p.args:
+            raise ExportError(f"the pruned export takes the model's first input only, and "
+                              f"input '{p.target}' has no default")
+        bound[p] = value
+        args.append(value)
+    return bound, args
+
+
+@torch.no_grad()
+def export_program(net: Any, t: int, path: str | None = None, prune: bool = True
+                   ) -> torch.export.ExportedProgram:
+    """Task ``t`` pruned to its open units, as a ``torch.export`` program of the first input
+    (batch size free), checked against ``net(x, t)`` on the example input; saved to ``path``
+    (a ``.pt2`` that ``torch.export.load`` runs without hatconvert) if given. ``prune=False``
+    keeps every unit (closed ones zero): the same program unpruned, to compare with."""
+    from .checkpoint import write_atomic
+    if net.layout.top_level is not None:
+        raise ExportError(f"{net.layout.signature.model} is kept whole (its forward does not "
+                          "trace): the pruned export needs its graph")
+    call = net.example_input()
+    if call is None or not isinstance(call[0], torch.Tensor) or call[1]:
+        raise ExportError("the pruned export needs an example call with one tensor input: "
+                          "run net.eval(); net(x, task_id) once first")
+    x = call[0] if call[0].shape[0] > 1 else torch.cat([call[0], call[0]])
+    training = net.training
+    net.eval()
+    try:
+        bound, args = _bound_inputs(net.model, t, x)
+        pruned = Pruner(net.model, t, node_shapes(net.model, args), bound, prune).run()
+        expected, got = net(x, t), pruned(x)
+        if not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
+            raise ExportError(f"the pruned program of task {t} differs from the network by "
+                              f"{float((got - expected).abs().max()):.3g}: please report the model")
+        program = torch.export.export(pruned, (x,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    finally:
+        net.train(training)
+    if path is not None:
+        buffer = io.BytesIO()
+        torch.export.save(program, buffer)
+        write_atomic(path, lambda tmp: pathlib.Path(tmp).write_bytes(buffer.getvalue()))
+    return program
