@@ -56,7 +56,7 @@ def expand_units(compact: torch.Tensor, index: torch.Tensor, size: int, dim: int
     """The full tensor: ``compact`` at positions ``index`` of ``dim``, zeros elsewhere."""
     shape = list(compact.shape)
     shape[dim] = size
-    return compact.new_zeros(shape).index_copy(dim, index, compact)
+    return compact.new_zeros(shape).index_add_(dim, index, compact)  # faster than index_copy
 
 
 class _Shapes(fx.Interpreter):
@@ -138,9 +138,9 @@ class Pruner:
             self.env[n] = self.node(n)
         gm = fx.GraphModule(self.attrs, self.graph, class_name="PrunedTask")
         gm.graph.eliminate_dead_code()
-        gm.delete_all_unused_submodules()
-        gm.recompile()
-        return gm.eval()
+        # built again so that it holds only what the graph reads (never delete_all_unused_
+        # submodules: the modules are the network's own)
+        return fx.GraphModule(gm, gm.graph, class_name="PrunedTask").eval()
 
     def node(self, n: fx.Node) -> Any:  # noqa: C901 - one branch per kind of node
         if n.op == "placeholder":
@@ -183,9 +183,10 @@ class Pruner:
         rows = mask.nonzero().squeeze(1)
         dim = self._ndim(n) - 1 if isinstance(layer, nn.Linear) else 1
         kind = _layer_kind(layer) if self.prune else None
-        if kind is None:
-            return self.graph.call_function(n.target, (self.full(x), self.attr(n.args[1].target,
-                                                       layer), self.attr("mask", mask)))
+        if kind is None:  # whole: no choice by batch size (export would guard on it)
+            target = gated_layer if n.target is gated_layer else _zero_closed_outputs
+            return self.graph.call_function(target, (self.full(x), self.attr(n.args[1].target,
+                                                     layer), self.attr("mask", mask)))
         if kind == "depthwise":
             new, inp = self._depthwise(layer, rows, x)
         else:
@@ -256,7 +257,7 @@ class Pruner:
                 out = self.graph.create_node(n.op, n.target, (c.node, compact[1].node),
                                              dict(n.kwargs))
                 return Compact(out, c.dim, c.index, c.size)
-            return None
+            return self._add_into(n, args, c)
         if len(compact) != 1 or args[0] is not c or any(isinstance(a, fx.Node) for a in rest):
             return None
         if not self._per_unit(n, c):
@@ -264,6 +265,18 @@ class Pruner:
         out = self._on_compact(n, c)
         return out if out is None or isinstance(out, Compact) else Compact(out, c.dim, c.index,
                                                                            c.size)
+
+    def _add_into(self, n: fx.Node, args: Any, c: Compact) -> Any:
+        """``full + compact`` (a residual stream and a branch): the branch added into the kept
+        units of the stream, without expanding it first."""
+        if n.target not in ("add", "__add__", torch.add, operator.add) or n.kwargs \
+                or len(args) != 2 or isinstance(args[0], Compact) == isinstance(args[1], Compact):
+            return None
+        other = n.args[1] if args[0] is c else n.args[0]
+        if not isinstance(other, fx.Node) or self.shapes.get(other) != self.shapes.get(n):
+            return None
+        index = self.attr("kept", c.index)
+        return self.graph.call_method("index_add", (self.env[other], c.dim, index, c.node))
 
     def _per_unit(self, n: fx.Node, c: Compact) -> bool:
         """Whether ``n`` acts on each unit alone and keeps zeros at zero."""
@@ -326,6 +339,12 @@ def _gate_norm(norm: nn.Module, mask: torch.Tensor, gate_dim: int, x: torch.Tens
     if not gate_behind_norm(norm, x, gate_dim):
         return norm(apply_gate(x, mask, gate_dim), *rest)
     return apply_gate(norm(x, *rest), mask, norm_channel_dim(norm, x))
+
+
+def _zero_closed_outputs(x: torch.Tensor, layer: nn.Module, mask: torch.Tensor
+                         ) -> torch.Tensor:
+    """``closed_rows_zeroed`` without its choice by size: the closed outputs selected away."""
+    return apply_gate(layer(x), mask, -1 if isinstance(layer, nn.Linear) else 1)
 
 
 def _zero_at_zero(fn: Any, rest: tuple, kwargs: dict) -> bool:

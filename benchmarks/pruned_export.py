@@ -1,0 +1,123 @@
+"""What pruning buys: one task's pruned ``.pt2`` program against the same program unpruned.
+
+Each model is converted and trained on a few tasks of data this script makes (class templates
+plus noise, so a task is learnable in a few dozen steps) with HAT's sparsity penalty, one AdamW
+kept across tasks. For the last task, ``hatconvert.export(net, t, path, prune=True)`` and the
+same program with every unit kept (``pruned.export_program(..., prune=False)``: closed units
+zero) are compared side by side in one run: parameters, FLOPs (torch's FlopCounterMode) and CPU
+latency (median of ``--reps`` runs, alternating), each as pruned / unpruned, next to the
+fraction of gated units the task uses. The goal: latency ratio <= FLOPs ratio + 0.10.
+
+    python benchmarks/pruned_export.py
+    python benchmarks/pruned_export.py --models resnet18 --img-size 64 --c 2.0
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import hatconvert
+from hatconvert.pruned import export_program
+
+MODELS = {
+    "resnet18": lambda img: ("resnet18", {}),
+    "convnext_atto": lambda img: ("convnext_atto", {}),
+    "vit_tiny": lambda img: ("vit_tiny_patch16_224", {"img_size": img, "patch_size": img // 8}),
+}
+
+
+def task_data(t: int, classes: int, n: int, img: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + t)
+    templates = torch.randn(classes, 3, img, img, generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return templates[y] + 0.8 * torch.randn(n, 3, img, img, generator=g), y
+
+
+def trained(name: str, args: argparse.Namespace) -> hatconvert.HATNetwork:
+    import timm
+    timm_name, kwargs = MODELS[name](args.img_size)
+    torch.manual_seed(0)
+    net = hatconvert.convert(timm.create_model(timm_name, num_classes=args.classes, **kwargs),
+                             num_tasks=args.tasks, num_classes=args.classes)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.01)
+    for t in range(args.tasks):
+        x, y = task_data(t, args.classes, args.batch * args.steps, args.img_size)
+        loader = list(zip(x.split(args.batch), y.split(args.batch)))
+        hatconvert.train_task(net, t, loader, optimizer, epochs=args.epochs, c=args.c,
+                              progress=False)
+    return net.eval()
+
+
+def flops(module, x) -> int:
+    with FlopCounterMode(display=False) as counter:
+        module(x)
+    return counter.get_total_flops()
+
+
+def latencies(modules: dict[str, torch.nn.Module], x: torch.Tensor, reps: int) -> dict[str, float]:
+    times: dict[str, list[float]] = {k: [] for k in modules}
+    for m in modules.values():
+        m(x)  # warm-up
+    for _ in range(reps):
+        for key, m in modules.items():
+            start = time.perf_counter()
+            m(x)
+            times[key].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def measure(name: str, args: argparse.Namespace) -> dict[str, float]:
+    net = trained(name, args)
+    with torch.no_grad():
+        return compare(net, args)
+
+
+def compare(net: hatconvert.HATNetwork, args: argparse.Namespace) -> dict[str, float]:
+    t = args.tasks - 1
+    with tempfile.TemporaryDirectory() as tmp:
+        hatconvert.export(net, t, f"{tmp}/pruned.pt2", prune=True)
+        pruned = torch.export.load(f"{tmp}/pruned.pt2").module()
+    full = export_program(net, t, prune=False).module()
+    x = torch.randn(args.eval_batch, 3, args.img_size, args.img_size)
+    masks = net.masks(t)
+    used = float(sum(m.sum() for m in masks.values()) / sum(m.numel() for m in masks.values()))
+    params = [sum(p.numel() for p in m.parameters()) for m in (pruned, full)]
+    flop = [flops(m, x) for m in (pruned, full)]
+    lat = latencies({"pruned": pruned, "full": full}, x, args.reps)
+    assert torch.allclose(pruned(x), net(x, t), rtol=1e-4, atol=1e-4)
+    return {"units used": used, "params": params[0] / params[1], "flops": flop[0] / flop[1],
+            "latency": lat["pruned"] / lat["full"], "full ms": lat["full"] * 1e3}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    p.add_argument("--tasks", type=int, default=3)
+    p.add_argument("--classes", type=int, default=5)
+    p.add_argument("--img-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=12, help="batches per task and epoch")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--c", type=float, default=0.75, help="the sparsity penalty's weight")
+    p.add_argument("--eval-batch", type=int, default=32)
+    p.add_argument("--reps", type=int, default=15)
+    args = p.parse_args(argv)
+    print(f"{args.tasks} tasks of {args.steps * args.batch} samples x {args.epochs} epochs, "
+          f"{args.img_size}px, c={args.c}; latency at batch {args.eval_batch}, "
+          f"{torch.get_num_threads()} threads; ratios pruned / unpruned program of the last task")
+    print(f"{'model':<15}{'units used':>11}{'params':>9}{'FLOPs':>8}{'latency':>9}"
+          f"{'unpruned ms':>13}")
+    for name in args.models:
+        r = measure(name, args)
+        print(f"{name:<15}{r['units used']:11.3f}{r['params']:9.3f}{r['flops']:8.3f}"
+              f"{r['latency']:9.3f}{r['full ms']:13.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

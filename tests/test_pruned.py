@@ -1,0 +1,132 @@
+"""The pruned export: a standalone torch.export program of one task without its closed units."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import hatconvert
+from hatconvert.pruned import export_program
+from helpers import train
+from models import ResidualConcatNet
+
+timm = pytest.importorskip("timm")
+
+
+class DepthwiseSeparable(nn.Module):
+    """Pointwise and depthwise convolutions with BatchNorm, pooled into a Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.dw, self.bn1 = nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(16)
+        self.pw, self.bn2 = nn.Conv2d(16, 24, 1), nn.BatchNorm2d(24)
+        self.head = nn.Linear(24, 3)
+
+    def forward(self, x):
+        x = F.relu(self.bn0(self.stem(x)))
+        x = F.relu6(self.bn1(self.dw(x)))
+        x = F.relu(self.bn2(self.pw(x)))
+        return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+CASES = {
+    "residual-concat": (lambda: ResidualConcatNet(3), (3, 16, 16)),
+    "depthwise-separable": (DepthwiseSeparable, (3, 16, 16)),
+    "timm-resnet18": (lambda: timm.create_model("resnet18", num_classes=3), (3, 32, 32)),
+    "timm-vit": (lambda: timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8,
+                                           depth=2, num_classes=3), (3, 32, 32)),
+    "timm-mobilenetv3": (lambda: timm.create_model("mobilenetv3_small_050", num_classes=3),
+                         (3, 32, 32)),
+}
+
+
+def trained(name: str, tasks: int = 2):
+    """The network of ``name`` with 2 tasks, the first ``tasks`` trained a few steps."""
+    build, shape = CASES[name]
+    torch.manual_seed(0)
+    net = hatconvert.convert(build(), num_tasks=2, num_classes=3)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.01)
+    x, y = torch.randn(8, *shape), torch.randint(0, 3, (8,))
+    for t in range(tasks):
+        train(net, opt, t, x, y, steps=3)
+    return net.eval(), shape
+
+
+def flops(module, x) -> int:
+    with FlopCounterMode(display=False) as counter:
+        module(x)
+    return counter.get_total_flops()
+
+
+def parameters(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_pruned_program_equals_the_task_and_is_smaller(name, tmp_path):
+    net, shape = trained(name)
+    path = tmp_path / "task1.pt2"
+    probe = torch.randn(2, *shape)
+    before, layout = net(probe, 0).detach(), repr(net)
+    program = hatconvert.export(net, 1, path, prune=True)
+    assert torch.equal(net(probe, 0), before) and repr(net) == layout  # the network untouched
+    full = export_program(net, 1, prune=False).module()
+    pruned = torch.export.load(path).module()
+    x = torch.randn(5, *shape)  # another batch size than the example's
+    with torch.no_grad():
+        expected = net(x, 1)
+        assert torch.allclose(pruned(x), expected, rtol=1e-4, atol=1e-5)
+        assert torch.allclose(program.module()(x), expected, rtol=1e-4, atol=1e-5)
+        assert torch.allclose(full(x), expected, rtol=1e-4, atol=1e-5)
+        assert parameters(pruned) < 0.9 * parameters(full)
+        assert flops(pruned, x) < 0.9 * flops(full, x)
+    # the units kept are the ones task 1 opens: every gated Linear/conv of the network
+    # had some closed
+    used = [float(m.mean()) for m in net.masks(1).values()]
+    assert min(used) < 1.0
+
+
+def test_the_program_loads_and_runs_without_hatconvert_or_timm(tmp_path):
+    net, shape = trained("timm-vit")
+    path = tmp_path / "task0.pt2"
+    hatconvert.export(net, 0, path, prune=True)
+    x = torch.randn(3, *shape)
+    torch.save(x, tmp_path / "x.pt")
+    with torch.no_grad():
+        torch.save(net(x, 0), tmp_path / "expected.pt")
+    code = (
+        "import sys\n"
+        "sys.modules['hatconvert'] = None\nsys.modules['timm'] = None\n"  # imports would fail
+        "import torch\n"
+        f"m = torch.export.load({str(path)!r}).module()\n"
+        f"x = torch.load({str(tmp_path / 'x.pt')!r})\n"
+        f"e = torch.load({str(tmp_path / 'expected.pt')!r})\n"
+        "print(torch.allclose(m(x), e, rtol=1e-4, atol=1e-5))\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=tmp_path, env=env, timeout=300)
+    assert done.stdout.strip() == "True", done.stderr[-2000:]
+
+
+def test_pruned_export_refuses_what_it_cannot_do(tmp_path):
+    net, _ = trained("residual-concat", tasks=1)
+    with pytest.raises(hatconvert.TaskError, match="not trained"):
+        hatconvert.export(net, 1, tmp_path / "a.pt2", prune=True)
+    never_run = hatconvert.convert(ResidualConcatNet(3), num_tasks=2, num_classes=3)
+    with pytest.raises(hatconvert.ExportError, match="example call"):
+        hatconvert.export(never_run, 0, tmp_path / "b.pt2", prune=True, allow_untrained=True)
+    read_only = tmp_path / "kept.pt2"
+    read_only.write_bytes(b"old")
+    read_only.chmod(0o444)
+    with pytest.raises(hatconvert.CheckpointError):
+        hatconvert.export(net, 0, read_only, prune=True)
+    assert read_only.read_bytes() == b"old"
+    assert not (tmp_path / "a.pt2").exists() and not (tmp_path / "b.pt2").exists()
