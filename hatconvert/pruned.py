@@ -29,7 +29,8 @@ from .gates import HATGate, apply_gate, closed_rows_zeroed, gated_layer, scale_r
 from .layers import (TaskIndexed, TaskParameter, gate_behind_norm, norm_channel_dim,
                      normalizes_each_unit)
 from .leaves import ScopedLeaf
-from .op_rules import ELEMENTWISE_MODULES, STRUCTURAL_MODULES, is_elementwise
+from .op_rules import (ELEMENTWISE_MODULES, STRUCTURAL_MODULES, is_elementwise,
+                       writes_first_argument)
 
 __all__ = ['Compact', 'expand_units', 'Pruner', 'node_shapes']
 
@@ -119,8 +120,14 @@ class Pruner:
         return a
 
     def copy_node(self, n: fx.Node, target: Any = None) -> fx.Node:
-        """``n`` as it was, on whole tensors."""
+        """``n`` as it was, on whole tensors. An op that writes its first argument in place
+        writes the whole tensor, which later readers of that argument then get."""
         args, kwargs = self.full(self.arg(n.args)), self.full(self.arg(n.kwargs))
+        module = self.gm.get_submodule(n.target) if n.op == "call_module" else None
+        first = n.args[0] if n.args else None
+        if isinstance(first, fx.Node) and isinstance(self.env.get(first), Compact) and \
+                writes_first_argument(n.op, n.target, dict(n.kwargs), module):
+            self.env[first] = args[0]
         op = n.op
         if op == "call_module":
             module = self.gm.get_submodule(n.target) if target is None else target
@@ -137,7 +144,7 @@ class Pruner:
         for n in self.gm.graph.nodes:
             self.env[n] = self.node(n)
         gm = fx.GraphModule(self.attrs, self.graph, class_name="PrunedTask")
-        gm.graph.eliminate_dead_code()
+        gm.graph.eliminate_dead_code(is_impure_node=_writes)
         # built again so that it holds only what the graph reads (never delete_all_unused_
         # submodules: the modules are the network's own)
         return fx.GraphModule(gm, gm.graph, class_name="PrunedTask").eval()
@@ -182,7 +189,7 @@ class Pruner:
         x = self.arg(n.args[0])
         rows = mask.nonzero().squeeze(1)
         dim = self._ndim(n) - 1 if isinstance(layer, nn.Linear) else 1
-        kind = _layer_kind(layer) if self.prune else None
+        kind = _layer_kind(layer) if self.prune and len(rows) else None
         if kind is None:  # whole: no choice by batch size (export would guard on it)
             target = gated_layer if n.target is gated_layer else _zero_closed_outputs
             return self.graph.call_function(target, (self.full(x), self.attr(n.args[1].target,
@@ -191,7 +198,7 @@ class Pruner:
             new, inp = self._depthwise(layer, rows, x)
         else:
             in_dim = len(self.shapes[n.args[0]]) - 1 if isinstance(layer, nn.Linear) else 1
-            cols = x.index if isinstance(x, Compact) and x.dim == in_dim else None
+            cols = x.index if isinstance(x, Compact) and x.dim == in_dim and len(x.index) else None
             inp = x.node if cols is not None else self.full(x)
             new = _sliced(layer, rows, cols)
         out = self.graph.call_module(self._module_name(n.args[1].target, new), (inp,))
@@ -339,6 +346,14 @@ def _gate_norm(norm: nn.Module, mask: torch.Tensor, gate_dim: int, x: torch.Tens
     if not gate_behind_norm(norm, x, gate_dim):
         return norm(apply_gate(x, mask, gate_dim), *rest)
     return apply_gate(norm(x, *rest), mask, norm_channel_dim(norm, x))
+
+
+def _writes(node: fx.Node) -> bool:
+    """Nodes dead-code elimination must keep: those that change a tensor in place."""
+    module = node.graph.owning_module.get_submodule(node.target) \
+        if node.op == "call_module" else None
+    return node.op in ("placeholder", "output") or node.op != "get_attr" and \
+        writes_first_argument(node.op, node.target, dict(node.kwargs), module)
 
 
 def _zero_closed_outputs(x: torch.Tensor, layer: nn.Module, mask: torch.Tensor

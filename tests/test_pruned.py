@@ -130,3 +130,35 @@ def test_pruned_export_refuses_what_it_cannot_do(tmp_path):
         hatconvert.export(net, 0, read_only, prune=True)
     assert read_only.read_bytes() == b"old"
     assert not (tmp_path / "a.pt2").exists() and not (tmp_path / "b.pt2").exists()
+
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+from random_graphs import build_model  # noqa: E402
+from test_fuzz_forgetting import programs  # noqa: E402
+from test_mixed import scramble  # noqa: E402
+
+
+@settings(max_examples=15, deadline=None, derandomize=True, database=None, print_blob=False,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(program=programs(), seed=st.integers(0, 1000))
+def test_random_program_pruned_export_equals_the_task(program, seed):
+    """Random graphs (tests/random_graphs.py: in-place ops, norms over odd axes, reshapes,
+    concatenations, grouped convs, ...) with random masks: the pruned program of a task equals
+    the network on a batch of another size, or the export refuses with an ExportError."""
+    try:
+        net = hatconvert.convert(build_model(program, seed), num_tasks=2).eval()
+        x = torch.randn((3,) + tuple(program.input_shape))
+        with torch.no_grad():
+            net(x, 0)
+    except hatconvert.ConversionError:
+        return
+    scramble(net, seed)
+    try:
+        program_of_task = export_program(net, 0)
+    except hatconvert.ExportError:
+        return
+    x2 = torch.randn((4,) + tuple(program.input_shape))
+    with torch.no_grad():
+        assert torch.allclose(program_of_task.module()(x2), net(x2, 0), rtol=1e-4, atol=1e-5,
+                              equal_nan=True)
