@@ -76,7 +76,100 @@ def node_shapes(gm: fx.GraphModule, args: list[Any]) -> dict[fx.Node, tuple | No
     return interpreter.shapes
 
 
-class Pruner:
+class _KeptUnits:
+    """The ops that give a compact tensor compact: the same op on the kept units alone."""
+
+    gm: fx.GraphModule
+    graph: fx.Graph
+    shapes: dict[fx.Node, tuple | None]
+    env: dict[fx.Node, Any]
+
+    def keeps_units(self, n: fx.Node) -> Any:
+        """The op on the kept units alone, when that gives the same numbers; else None."""
+        args = self.arg(n.args)
+        compact = [a for a in args if isinstance(a, Compact)]
+        if not compact or n.kwargs and any(isinstance(v, fx.Node) for v in n.kwargs.values()):
+            return None
+        c = compact[0]
+        rest = [a for a in args if a is not c]
+        if n.target in _SUMS or n.target in (torch.add, torch.sub, operator.add, operator.sub):
+            if len(compact) == 2 and len(args) == 2 and compact[1].dim == c.dim \
+                    and torch.equal(compact[1].index, c.index):
+                out = self.graph.create_node(n.op, n.target, (c.node, compact[1].node),
+                                             dict(n.kwargs))
+                return Compact(out, c.dim, c.index, c.size)
+            return self._add_into(n, args, c)
+        if len(compact) != 1 or args[0] is not c or any(isinstance(a, fx.Node) for a in rest):
+            return None
+        if not self._per_unit(n, c):
+            return None
+        out = self._on_compact(n, c)
+        return out if out is None or isinstance(out, Compact) else Compact(out, c.dim, c.index,
+                                                                           c.size)
+
+    def _add_into(self, n: fx.Node, args: Any, c: Compact) -> Any:
+        """``full + compact`` (a residual stream and a branch): the branch added into the kept
+        units of the stream, without expanding it first."""
+        if n.target not in ("add", "__add__", torch.add, operator.add) or n.kwargs \
+                or len(args) != 2 or isinstance(args[0], Compact) == isinstance(args[1], Compact):
+            return None
+        other = n.args[1] if args[0] is c else n.args[0]
+        if not isinstance(other, fx.Node) or self.shapes.get(other) != self.shapes.get(n):
+            return None
+        index = self.attr("kept", c.index)
+        return self.graph.call_method("index_add", (self.env[other], c.dim, index, c.node))
+
+    def _per_unit(self, n: fx.Node, c: Compact) -> bool:
+        """Whether ``n`` acts on each unit alone and keeps zeros at zero."""
+        if n.op == "call_module":
+            module = self.gm.get_submodule(n.target)
+            if isinstance(module, _POOL_MODULES) or isinstance(module, nn.Flatten):
+                return c.dim == 1
+            return isinstance(module, ELEMENTWISE_MODULES) and _zero_at_zero(module, (), {})
+        if n.target in _POOLS:
+            return c.dim == 1
+        if n.target in (torch.flatten, "flatten"):
+            return c.dim == 1
+        if n.op in ("call_function", "call_method") and is_elementwise(n.target):
+            fn = getattr(torch.Tensor, n.target) if n.op == "call_method" else n.target
+            return _zero_at_zero(fn, tuple(n.args[1:]), dict(n.kwargs))
+        return False
+
+    def _on_compact(self, n: fx.Node, c: Compact) -> Any:
+        flatten = n.target in (torch.flatten, "flatten") or n.op == "call_module" and isinstance(
+            self.gm.get_submodule(n.target), nn.Flatten)
+        if flatten:
+            return self._flatten(n, c)
+        args = (c.node,) + tuple(n.args[1:])
+        if n.op == "call_module":
+            return self.graph.call_module(self._module_name(n.target,
+                                                            self.gm.get_submodule(n.target)),
+                                          args, dict(n.kwargs))
+        return self.graph.create_node(n.op, n.target, args, dict(n.kwargs))
+
+    def _flatten(self, n: fx.Node, c: Compact) -> Any:
+        """``flatten(x, 1)`` of ``(B, C, ...)``: unit ``u`` becomes features ``u * rest ...``."""
+        shape = self.shapes[n.args[0]]
+        start = n.args[1] if len(n.args) > 1 else n.kwargs.get("start_dim", 1)
+        end = n.args[2] if len(n.args) > 2 else n.kwargs.get("end_dim", -1)
+        if n.op == "call_module":
+            module = self.gm.get_submodule(n.target)
+            start, end = module.start_dim, module.end_dim
+        if start != 1 or end not in (-1, len(shape) - 1) or len(shape) < 2:
+            return None
+        rest = int(torch.tensor(shape[2:]).prod()) if len(shape) > 2 else 1
+        index = (c.index[:, None] * rest + torch.arange(rest)).flatten()
+        out = self.graph.call_function(torch.flatten, (c.node, 1))
+        return Compact(out, 1, index, c.size * rest)
+
+    def _ndim(self, n: fx.Node) -> int:
+        shape = self.shapes.get(n)
+        if shape is None:
+            raise ExportError(f"no shape is known for graph node '{n.name}'")
+        return len(shape)
+
+
+class Pruner(_KeptUnits):
     """Builds the pruned graph of task ``t`` node by node (see the module docstring)."""
 
     def __init__(self, gm: fx.GraphModule, t: int, shapes: dict[fx.Node, tuple | None],
@@ -248,91 +341,6 @@ class Pruner:
                                                          n.kwargs.get("gate_dim", 1), *args))
         return self.graph.call_module(self._module_name(n.target, module), args,
                                       self.full(self.arg(kwargs)))
-
-    # -- ops that keep a compact tensor compact ------------------------------------------------
-    def keeps_units(self, n: fx.Node) -> Any:
-        """The op on the kept units alone, when that gives the same numbers; else None."""
-        args = self.arg(n.args)
-        compact = [a for a in args if isinstance(a, Compact)]
-        if not compact or n.kwargs and any(isinstance(v, fx.Node) for v in n.kwargs.values()):
-            return None
-        c = compact[0]
-        rest = [a for a in args if a is not c]
-        if n.target in _SUMS or n.target in (torch.add, torch.sub, operator.add, operator.sub):
-            if len(compact) == 2 and len(args) == 2 and compact[1].dim == c.dim \
-                    and torch.equal(compact[1].index, c.index):
-                out = self.graph.create_node(n.op, n.target, (c.node, compact[1].node),
-                                             dict(n.kwargs))
-                return Compact(out, c.dim, c.index, c.size)
-            return self._add_into(n, args, c)
-        if len(compact) != 1 or args[0] is not c or any(isinstance(a, fx.Node) for a in rest):
-            return None
-        if not self._per_unit(n, c):
-            return None
-        out = self._on_compact(n, c)
-        return out if out is None or isinstance(out, Compact) else Compact(out, c.dim, c.index,
-                                                                           c.size)
-
-    def _add_into(self, n: fx.Node, args: Any, c: Compact) -> Any:
-        """``full + compact`` (a residual stream and a branch): the branch added into the kept
-        units of the stream, without expanding it first."""
-        if n.target not in ("add", "__add__", torch.add, operator.add) or n.kwargs \
-                or len(args) != 2 or isinstance(args[0], Compact) == isinstance(args[1], Compact):
-            return None
-        other = n.args[1] if args[0] is c else n.args[0]
-        if not isinstance(other, fx.Node) or self.shapes.get(other) != self.shapes.get(n):
-            return None
-        index = self.attr("kept", c.index)
-        return self.graph.call_method("index_add", (self.env[other], c.dim, index, c.node))
-
-    def _per_unit(self, n: fx.Node, c: Compact) -> bool:
-        """Whether ``n`` acts on each unit alone and keeps zeros at zero."""
-        if n.op == "call_module":
-            module = self.gm.get_submodule(n.target)
-            if isinstance(module, _POOL_MODULES) or isinstance(module, nn.Flatten):
-                return c.dim == 1
-            return isinstance(module, ELEMENTWISE_MODULES) and _zero_at_zero(module, (), {})
-        if n.target in _POOLS:
-            return c.dim == 1
-        if n.target in (torch.flatten, "flatten"):
-            return c.dim == 1
-        if n.op in ("call_function", "call_method") and is_elementwise(n.target):
-            fn = getattr(torch.Tensor, n.target) if n.op == "call_method" else n.target
-            return _zero_at_zero(fn, tuple(n.args[1:]), dict(n.kwargs))
-        return False
-
-    def _on_compact(self, n: fx.Node, c: Compact) -> Any:
-        flatten = n.target in (torch.flatten, "flatten") or n.op == "call_module" and isinstance(
-            self.gm.get_submodule(n.target), nn.Flatten)
-        if flatten:
-            return self._flatten(n, c)
-        args = (c.node,) + tuple(n.args[1:])
-        if n.op == "call_module":
-            return self.graph.call_module(self._module_name(n.target,
-                                                            self.gm.get_submodule(n.target)),
-                                          args, dict(n.kwargs))
-        return self.graph.create_node(n.op, n.target, args, dict(n.kwargs))
-
-    def _flatten(self, n: fx.Node, c: Compact) -> Any:
-        """``flatten(x, 1)`` of ``(B, C, ...)``: unit ``u`` becomes features ``u * rest ...``."""
-        shape = self.shapes[n.args[0]]
-        start = n.args[1] if len(n.args) > 1 else n.kwargs.get("start_dim", 1)
-        end = n.args[2] if len(n.args) > 2 else n.kwargs.get("end_dim", -1)
-        if n.op == "call_module":
-            module = self.gm.get_submodule(n.target)
-            start, end = module.start_dim, module.end_dim
-        if start != 1 or end not in (-1, len(shape) - 1) or len(shape) < 2:
-            return None
-        rest = int(torch.tensor(shape[2:]).prod()) if len(shape) > 2 else 1
-        index = (c.index[:, None] * rest + torch.arange(rest)).flatten()
-        out = self.graph.call_function(torch.flatten, (c.node, 1))
-        return Compact(out, 1, index, c.size * rest)
-
-    def _ndim(self, n: fx.Node) -> int:
-        shape = self.shapes.get(n)
-        if shape is None:
-            raise ExportError(f"no shape is known for graph node '{n.name}'")
-        return len(shape)
 
 
 def _attr(gm: fx.GraphModule, target: str) -> Any:

@@ -119,6 +119,18 @@ def test_convert_inspect_export_forget(trained, tmp_path):
     assert left.capacity() > net.capacity()
 
 
+def test_export_prune_writes_a_program_that_runs_without_hatconvert(trained, tmp_path):
+    net, x, path = trained
+    program = tmp_path / "task1.pt2"
+    (result,) = run_all(["export", path, "--task", 1, "-o", program, "--prune"])
+    assert result.returncode == 0, result.stderr
+    assert "pruned torch.export program" in result.stdout
+    with torch.no_grad():
+        assert torch.allclose(torch.export.load(program).module()(x), net(x, 1), atol=1e-5)
+    (again,) = run_all(["export", path, "--task", 1, "-o", program, "--prune"])
+    assert again.returncode != 0 and "exists" in again.stderr  # never overwritten silently
+
+
 def check_error(args, code, out, err, expected):
     lines = err.strip().splitlines()
     assert code != 0, args
