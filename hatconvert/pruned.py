@@ -39,6 +39,8 @@ _POOLS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, 
           F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d}
 _POOL_MODULES = tuple(m for m in STRUCTURAL_MODULES if "Pool" in m.__name__)
 _SUMS = {"add", "__add__", "sub", "__sub__"}
+_SCALES = {"mul", "__mul__", "__rmul__", torch.mul, operator.mul}
+_IDENTITIES_IN_EVAL = {"timm.layers.drop.DropPath"}  # what eval mode makes the identity
 
 
 @dataclass
@@ -93,12 +95,13 @@ class _KeptUnits:
         c = compact[0]
         rest = [a for a in args if a is not c]
         if n.target in _SUMS or n.target in (torch.add, torch.sub, operator.add, operator.sub):
-            if len(compact) == 2 and len(args) == 2 and compact[1].dim == c.dim \
-                    and torch.equal(compact[1].index, c.index):
-                out = self.graph.create_node(n.op, n.target, (c.node, compact[1].node),
-                                             dict(n.kwargs))
-                return Compact(out, c.dim, c.index, c.size)
+            if len(compact) == 2 and len(args) == 2 and compact[1].dim == c.dim:
+                return self._sum_of_compacts(n, compact[0], compact[1])
             return self._add_into(n, args, c)
+        if n.target in _SCALES and len(args) == 2 and len(compact) == 1 and not n.kwargs:
+            return self._scaled(n, c, n.args[1] if args[0] is c else n.args[0])
+        if n.target in ("permute", torch.permute) and args[0] is c:
+            return self._permuted(n, c)
         if len(compact) != 1 or args[0] is not c or any(isinstance(a, fx.Node) for a in rest):
             return None
         if not self._per_unit(n, c):
@@ -106,6 +109,48 @@ class _KeptUnits:
         out = self._on_compact(n, c)
         return out if out is None or isinstance(out, Compact) else Compact(out, c.dim, c.index,
                                                                            c.size)
+
+    def _sum_of_compacts(self, n: fx.Node, a: Compact, b: Compact) -> Any:
+        """Two branches compact on units ``A`` and ``B``: their sum, compact on ``A | B``."""
+        if self.shapes.get(n.args[0]) != self.shapes.get(n) or \
+                self.shapes.get(n.args[1]) != self.shapes.get(n) or n.kwargs:
+            return None
+        if torch.equal(a.index, b.index):
+            out = self.graph.create_node(n.op, n.target, (a.node, b.node))
+            return Compact(out, a.dim, a.index, a.size)
+        union = torch.unique(torch.cat([a.index, b.index]))
+        if len(union) == a.size:
+            return None
+        first, second = (self.graph.call_function(expand_units, (
+            c.node, self.attr("kept", torch.searchsorted(union, c.index)), len(union), c.dim))
+            for c in (a, b))
+        out = self.graph.create_node(n.op, n.target, (first, second))
+        return Compact(out, a.dim, union, a.size)
+
+    def _scaled(self, n: fx.Node, c: Compact, other: Any) -> Any:
+        """A compact tensor times a constant (layer scale ``gamma.reshape(1, -1, 1, 1)``):
+        times the constant's entries of the kept units."""
+        value = self.consts.get(other) if isinstance(other, fx.Node) else None
+        ndim = len(self.shapes[n])
+        if value is None or value.ndim > ndim:
+            return None
+        shaped = value.reshape((1,) * (ndim - value.ndim) + tuple(value.shape))
+        if shaped.shape[c.dim] == c.size:
+            shaped = shaped.index_select(c.dim, c.index)
+        elif shaped.shape[c.dim] != 1:
+            return None
+        out = self.graph.call_function(operator.mul, (c.node, self.attr("scale", shaped)))
+        return Compact(out, c.dim, c.index, c.size)
+
+    def _permuted(self, n: fx.Node, c: Compact) -> Any:
+        dims = n.args[1:] if n.op == "call_method" else n.args[1]
+        if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+            dims = dims[0]
+        if not all(isinstance(d, int) for d in dims):
+            return None
+        dims = [d % len(dims) for d in dims]
+        out = self.graph.create_node(n.op, n.target, (c.node, *n.args[1:]), dict(n.kwargs))
+        return Compact(out, dims.index(c.dim), c.index, c.size)
 
     def _add_into(self, n: fx.Node, args: Any, c: Compact) -> Any:
         """``full + compact`` (a residual stream and a branch): the branch added into the kept
@@ -125,6 +170,8 @@ class _KeptUnits:
             module = self.gm.get_submodule(n.target)
             if isinstance(module, _POOL_MODULES) or isinstance(module, nn.Flatten):
                 return c.dim == 1
+            if f"{type(module).__module__}.{type(module).__qualname__}" in _IDENTITIES_IN_EVAL:
+                return not module.training
             return isinstance(module, ELEMENTWISE_MODULES) and _zero_at_zero(module, (), {})
         if n.target in _POOLS:
             return c.dim == 1
@@ -180,6 +227,7 @@ class Pruner(_KeptUnits):
         self.attrs: dict[str, Any] = {}
         self.env: dict[fx.Node, Any] = {}
         self.masks: dict[fx.Node, torch.Tensor] = {}  # gate nodes: task t's bool mask
+        self.consts: dict[fx.Node, torch.Tensor] = {}  # values known now (parameters, views)
 
     # -- the new graph's pieces ----------------------------------------------------------------
     def attr(self, name: str, value: Any) -> fx.Node:
@@ -227,6 +275,18 @@ class Pruner(_KeptUnits):
             return self.graph.call_module(self._module_name(n.target, module), args, kwargs)
         return self.graph.create_node(op, n.target if target is None else target, args, kwargs)
 
+    def _record_constant(self, n: fx.Node) -> None:
+        """Keep the value of a parameter read, or of a view or cast of one, for ``_scaled``."""
+        if n.op == "get_attr" and isinstance(_attr(self.gm, n.target), torch.Tensor):
+            self.consts[n] = _attr(self.gm, n.target).detach()
+        elif n.op == "call_module" and isinstance(self.gm.get_submodule(n.target),
+                                                  TaskParameter):
+            self.consts[n] = self.gm.get_submodule(n.target).copies[self.t].detach()
+        elif n.op == "call_method" and n.target in ("reshape", "view", "unsqueeze") and \
+                n.args[0] in self.consts and not any(isinstance(a, fx.Node)
+                                                     for a in n.args[1:]):
+            self.consts[n] = getattr(self.consts[n.args[0]], n.target)(*n.args[1:])
+
     def _module_name(self, path: str, module: nn.Module) -> str:
         key = f"{path.replace('.', '_')}_m{len(self.attrs)}"
         self.attrs[key] = module
@@ -236,6 +296,7 @@ class Pruner(_KeptUnits):
     def run(self) -> fx.GraphModule:
         for n in self.gm.graph.nodes:
             self.env[n] = self.node(n)
+            self._record_constant(n)
         gm = fx.GraphModule(self.attrs, self.graph, class_name="PrunedTask")
         gm.graph.eliminate_dead_code(is_impure_node=_writes)
         # built again so that it holds only what the graph reads (never delete_all_unused_
