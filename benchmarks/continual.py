@@ -173,6 +173,7 @@ class Settings:
     hard_from: float | None
     keep_open: float
     lr_schedule: str = "constant"
+    reg_mode: str = "original"
 
 
 def adamw(params, s: Settings) -> torch.optim.Optimizer:
@@ -200,6 +201,7 @@ def run_hat(build, tasks: list[Task], s: Settings) -> dict:
         batches = loader(task, s.batch_size, s.seed + t)
         hatconvert.train_task(net, t, batches, optimizer, epochs=s.epochs, s_max=s.s_max, c=s.c,
                               schedule=s.schedule, hard_from=s.hard_from, keep_open=s.keep_open,
+                              reg_mode=s.reg_mode,
                               scheduler=lr_scheduler(optimizer, s, s.epochs * len(batches)),
                               progress=False)
         net.eval()
@@ -349,6 +351,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="cosine: lr falls to 0 over each task, again from --lr the next")
     p.add_argument("--s-max", type=float, default=400.0)
     p.add_argument("--c", type=float, default=0.75)
+    p.add_argument("--reg-mode", default="original", choices=("original", "cross", "total"),
+                   help="how the sparsity penalty is normalised (HATNetwork.regularization)")
     p.add_argument("--schedule", default="linear", choices=SCHEDULES)
     p.add_argument("--mask-init", default=None, help="default: the converter's default")
     p.add_argument("--hard-from", type=lambda v: None if v == "none" else float(v), default=0.5,
@@ -372,7 +376,7 @@ def main(argv=None) -> None:
     mask_init = args.mask_init or ConversionOptions.default("mask_init")
     s = Settings(epochs, args.batch_size, args.lr, args.weight_decay, args.seed, args.s_max,
                  args.c, args.schedule, mask_init, args.hard_from, args.keep_open,
-                 args.lr_schedule)
+                 args.lr_schedule, args.reg_mode)
     plan = QUICK.items() if quick else [(b, args.arch) for b in args.benchmark]
     methods = args.methods or (["hat", "separate"] if quick else list(METHODS))
     records = []

@@ -198,7 +198,8 @@ class HATNetwork(TaskLifecycle, CallRouting, nn.Module):
         """``c`` times HAT's sparsity penalty on task ``task_id``'s soft gates at ``mask_scale``.
 
         ``original``: mean gate value over units no other trained task uses; ``cross`` also
-        rewards reusing the units other tasks use (averages with ``1 - mean gate over them``).
+        rewards reusing the units other tasks use (averages with ``1 - mean gate over them``);
+        ``total``: their sum over the number of all units (a new unit costs every task alike).
         ``keep_open``: each layer's most open ``ceil(keep_open * units)`` units are pulled open
         instead, so no task can shut a layer (see ``penalty``); 0 gives the paper's penalty.
         """

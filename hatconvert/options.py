@@ -41,11 +41,12 @@ def check_s_max(s_max: Any) -> float:
 
 
 def check_regularization(c: Any, mode: Any) -> None:
-    """HAT's sparsity penalty: a strength ``c`` (finite, >= 0) and a mode (original or cross)."""
+    """HAT's sparsity penalty: a strength ``c`` (finite, >= 0) and a mode (original, cross or
+    total)."""
     if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c < 0:
         raise OptionError(f"the regularization strength c must be a finite number >= 0, "
                           f"got {c!r}")
-    check_choice("regularization mode", mode, ("original", "cross"))
+    check_choice("regularization mode", mode, ("original", "cross", "total"))
 
 
 def _doc(text: str) -> dict[str, str]:

@@ -52,7 +52,9 @@ def sparsity_penalty(gates: list["HATGate"], t: int, others: list[int],
                      mask_scale: float | torch.Tensor, c: float = 0.75, mode: str = "original",
                      keep_open: float = KEEP_OPEN) -> torch.Tensor:
     """``c`` times HAT's penalty on task ``t``'s soft gates: the gates of the units no task in
-    ``others`` uses, over their number (``cross`` also rewards reusing the units they use).
+    ``others`` uses, over their number (``cross`` also rewards reusing the units they use;
+    ``total``: over the number of all units, so a new unit costs every task the same, where
+    the paper's price rises as the free units get fewer).
 
     The ``keep_open`` floor swaps the penalty ``a`` of each layer's most open units for
     ``1 - a`` (same strength, opposite pull); ``keep_open=0`` is the paper's penalty.
@@ -60,7 +62,7 @@ def sparsity_penalty(gates: list["HATGate"], t: int, others: list[int],
     check_regularization(c, mode)
     check_keep_open(keep_open)
     free_sum = used_sum = torch.zeros(())  # a tensor even for a network with no gated layer
-    free_count = used_count = 0.0
+    free_count = used_count = all_count = 0.0
     for gate in gates:
         e = gate.embedding[t]
         a = soft_gate(e, mask_scale)
@@ -70,7 +72,8 @@ def sparsity_penalty(gates: list["HATGate"], t: int, others: list[int],
         free_count += float((1 - used).sum())
         used_sum = used_sum + (a * used).sum()
         used_count += float(used.sum())
-    reg = free_sum / max(free_count, 1.0)  # every unit used: only the floor's pull is left
+        all_count += float(used.numel())
+    reg = free_sum / max(all_count if mode == "total" else free_count, 1.0)  # every unit used: only the floor's pull is left
     if mode == "cross" and used_count:
         reg = (reg + (1 - used_sum / used_count)) / 2
     return c * reg

@@ -100,3 +100,22 @@ def test_keep_open_zero_is_the_papers_penalty_and_bad_floors_are_refused():
                                   torch.optim.SGD(net.parameters(), lr=0.1), keep_open=bad,
                                   progress=False)
         assert net.active_task is None
+
+
+def test_total_mode_prices_a_new_unit_the_same_for_every_task():
+    """``total`` divides by every unit, ``original`` by the free ones: with a third of the units
+    used by an earlier task, the two differ by exactly the free share, and before any task is
+    trained they agree."""
+    gates = [HATGate(3, 6), HATGate(3, 9)]
+    with torch.no_grad():
+        for g in gates:
+            g.embedding.normal_()
+            g.task_masks[0] = (torch.arange(g.units) % 3 == 0).float()
+    for others in ([], [0]):
+        original = sparsity_penalty(gates, 1, others, 5.0, keep_open=0.0)
+        total = sparsity_penalty(gates, 1, others, 5.0, mode="total", keep_open=0.0)
+        free = sum(float((1 - g.cumulative(others)).sum()) for g in gates)
+        assert math.isclose(float(total), float(original) * free / 15, rel_tol=1e-6)
+    assert free == 10
+    with pytest.raises(OptionError, match="regularization mode"):
+        sparsity_penalty(gates, 1, [0], 5.0, mode="totl")
