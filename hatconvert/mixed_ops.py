@@ -53,13 +53,16 @@ def _sample_view(values: torch.Tensor, ndim: int, dim: int, what: str) -> torch.
 def apply_sample_gate(x: torch.Tensor, gates: torch.Tensor, unit_dim: int) -> torch.Tensor:
     """``x`` with each sample's closed units exactly 0 along ``unit_dim``.
 
-    A product with the 0/1 mask is exact where ``x`` is finite and several times faster than
-    ``torch.where`` on CPU; where a closed unit holds inf or NaN (a later task's weights), only
-    selecting gives 0."""
+    On CPU a product with the 0/1 mask is several times faster than ``torch.where``, and exact
+    wherever ``x`` is finite. A finite sum of the product shows that it is (an inf or NaN
+    anywhere makes the sum inf or NaN); otherwise, as when a closed unit holds a later task's
+    inf, the mask selects."""
     _check_batch(x, gates.shape[0], "a gated output")
     mask = _sample_view(gates, x.ndim, unit_dim, "a gated output")
-    if x.device.type == "cpu" and x.is_floating_point() and bool(torch.isfinite(x).all()):
-        return x * mask.to(x.dtype)
+    if x.device.type == "cpu" and x.is_floating_point():
+        product = x * mask.to(x.dtype)
+        if bool(torch.isfinite(product.sum())):
+            return product
     return torch.where(mask, x, 0.0)
 
 
