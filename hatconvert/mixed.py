@@ -270,10 +270,11 @@ def mixed_forward(net: Any, x: Any, ids: torch.Tensor, mask_scale: Any,
                   inputs: dict[str, Any]) -> Any:
     """``net(x, task_id=ids)`` for a batch whose samples belong to different tasks (eval)."""
     if net.training:
-        raise TaskError("mixed task ids (one per sample) are for evaluation only: one task "
-                        "trains at a time; call net.eval() first, or give one task id")
+        raise TaskError("a task_id per sample (a mixed batch) is for evaluation only: one "
+                        "task trains at a time; call net.eval() first, or give one task id")
     if mask_scale is not None:
-        raise TaskError("mixed task ids run the hard gates of trained tasks: give no mask_scale")
+        raise TaskError("a task_id per sample (a mixed batch) runs hard gates: give no "
+                        "mask_scale")
     if net.layout.top_level is not None:
         raise MixedBatchError(f"{net.layout.signature.model} is kept whole (its forward does not "
                               "trace), so no graph can run its samples per task: run one task "
