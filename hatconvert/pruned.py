@@ -26,8 +26,7 @@ from torch import nn
 
 from .errors import ExportError
 from .gates import HATGate, apply_gate, closed_rows_zeroed, gated_layer, scale_rows
-from .layers import (TaskIndexed, TaskParameter, gate_behind_norm, norm_channel_dim,
-                     normalizes_each_unit)
+from .layers import TaskIndexed, TaskParameter, gate_behind_norm, normalizes_each_unit
 from .leaves import ScopedLeaf
 from .op_rules import (ELEMENTWISE_MODULES, STRUCTURAL_MODULES, is_elementwise,
                        writes_first_argument)
@@ -394,27 +393,16 @@ class Pruner(_KeptUnits):
                                                                                       rows)),
                                              (x.node,))
                 return Compact(out, 1, rows, x.size)
-        kwargs = {k: v for k, v in n.kwargs.items() if k not in ("task_id", "gate", "gate_dim")}
-        args = self.full(self.arg(n.args))
-        if gate is not None:
-            owner = self.graph.get_attr(self._module_name(n.target, module))
-            return self.graph.call_function(_gate_norm, (owner, self.attr("mask", self.masks[gate]),
-                                                         n.kwargs.get("gate_dim", 1), *args))
-        return self.graph.call_module(self._module_name(n.target, module), args,
-                                      self.full(self.arg(kwargs)))
+        kwargs = {k: v for k, v in n.kwargs.items() if k != "task_id"}
+        if gate is not None:  # TaskIndexed's own gating, over task t's copy alone
+            module, kwargs = TaskIndexed(module, 1, [module]), {**kwargs, "task_id": 0}
+        return self.graph.call_module(self._module_name(n.target, module),
+                                      self.full(self.arg(n.args)), self.full(self.arg(kwargs)))
 
 
 def _attr(gm: fx.GraphModule, target: str) -> Any:
     owner, _, name = target.rpartition(".")
     return getattr(gm.get_submodule(owner) if owner else gm, name)
-
-
-def _gate_norm(norm: nn.Module, mask: torch.Tensor, gate_dim: int, x: torch.Tensor,
-               *rest: Any) -> torch.Tensor:
-    """A task's norm with the gate of the layer before, on the side the HAT graph puts it."""
-    if not gate_behind_norm(norm, x, gate_dim):
-        return norm(apply_gate(x, mask, gate_dim), *rest)
-    return apply_gate(norm(x, *rest), mask, norm_channel_dim(norm, x))
 
 
 def _writes(node: fx.Node) -> bool:
