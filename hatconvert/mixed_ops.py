@@ -107,10 +107,14 @@ def norm_form(module: nn.Module) -> str | None:
     if kind is nn.GroupNorm:
         return "group"
     form = _TIMM_FORMS.get(f"{kind.__module__}.{kind.__qualname__}")
-    if form == "batch" and any(True for _ in module.drop.parameters()) or \
-            form == "batch" and any(True for _ in module.act.parameters()):
-        return None
+    if form == "batch" and any(True for m in _after(module) for _ in m.parameters()):
+        return None  # an activation with weights of its own: run per task
     return form
+
+
+def _after(norm: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """What timm's BatchNormAct2d applies after the norm: its dropout and activation."""
+    return getattr(norm, "drop", nn.Identity()), getattr(norm, "act", nn.Identity())
 
 
 def batched_norm(copies: list[nn.Module], ids: torch.Tensor, x: torch.Tensor
@@ -126,8 +130,8 @@ def batched_norm(copies: list[nn.Module], ids: torch.Tensor, x: torch.Tensor
         return None
     _check_batch(x, ids.shape[0], f"the input of a task-indexed {type(first).__name__}")
     if form == "batch":
-        y = _batch_norm(copies, ids, x)
-        return first.act(first.drop(y)) if hasattr(first, "act") else y
+        drop, act = _after(first)
+        return act(drop(_batch_norm(copies, ids, x)))
     if form == "layer2d":
         y = F.layer_norm(x.permute(0, 2, 3, 1), first.normalized_shape, None, None, first.eps)
         return _affine(copies, ids, y.permute(0, 3, 1, 2), 1)

@@ -181,7 +181,8 @@ class HATNetwork(TaskLifecycle, CallRouting, nn.Module):
                                 f"{tuple(task_id.shape)} and dtype {task_id.dtype}")
             task_id = int(task_id.item())
         elif isinstance(task_id, bool) or not isinstance(task_id, int):
-            raise TaskError(f"task_id must be an int or a 0-dim integer tensor, "
+            raise TaskError(f"task_id must be an int or a 0-dim integer tensor (in eval mode "
+                            f"also a (batch,) tensor of one id per sample), "
                             f"got {type(task_id).__name__} {task_id!r}")
         if not 0 <= task_id < self.num_tasks:
             raise TaskError(f"task_id {task_id} is out of range: this network has "
