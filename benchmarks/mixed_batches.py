@@ -15,13 +15,16 @@ least 0.8x single and, for 8 samples per task, at least 2x loop.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import pathlib
+import sys
 
 import torch
 from torch import nn
 
 import hatconvert
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from timing import interleaved_medians  # noqa: E402
 
 MODELS = ("mlp", "resnet18", "convnext_atto", "vit_tiny")
 
@@ -48,13 +51,6 @@ def make_tasks_differ(net: hatconvert.HATNetwork) -> None:
                 p.add_(0.1 * torch.randn_like(p))
 
 
-def timed(fn, reps: int) -> float:
-    start = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - start) / reps
-
-
 def measure(name: str, args: argparse.Namespace) -> dict[str, float]:
     torch.manual_seed(0)
     model, shape = build(name, args.img_size, 10)
@@ -68,14 +64,9 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, float]:
     parts = [(x[ids == t], t) for t in range(args.tasks)]
     runs = {"single": lambda: net(x, 0), "mixed": lambda: net(x, task_id=ids),
             "loop": lambda: [net(part, t) for part, t in parts]}
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    with torch.no_grad():
-        for fn in runs.values():  # warm-up (the mixed graph is built and checked once)
-            fn()
-        for _ in range(args.rounds):
-            for key, fn in runs.items():
-                times[key].append(timed(fn, args.reps))
-    per_second = {k: batch / statistics.median(v) for k, v in times.items()}
+    with torch.no_grad():  # the warm-up call builds and checks the mixed graph once
+        seconds = interleaved_medians(runs, args.rounds, args.reps)
+    per_second = {k: batch / v for k, v in seconds.items()}
     return {**per_second, "mixed/single": per_second["mixed"] / per_second["single"],
             "mixed/loop": per_second["mixed"] / per_second["loop"]}
 

@@ -15,15 +15,18 @@ fraction of gated units the task uses. The goal: latency ratio <= FLOPs ratio + 
 from __future__ import annotations
 
 import argparse
-import statistics
+import pathlib
+import sys
 import tempfile
-import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import hatconvert
 from hatconvert.pruned import export_program
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from timing import interleaved_medians  # noqa: E402
 
 MODELS = {
     "resnet18": lambda img: ("resnet18", {}),
@@ -60,18 +63,6 @@ def flops(module, x) -> int:
     return counter.get_total_flops()
 
 
-def latencies(modules: dict[str, torch.nn.Module], x: torch.Tensor, reps: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {k: [] for k in modules}
-    for m in modules.values():
-        m(x)  # warm-up
-    for _ in range(reps):
-        for key, m in modules.items():
-            start = time.perf_counter()
-            m(x)
-            times[key].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def measure(name: str, args: argparse.Namespace) -> dict[str, float]:
     net = trained(name, args)
     with torch.no_grad():
@@ -89,7 +80,7 @@ def compare(net: hatconvert.HATNetwork, args: argparse.Namespace) -> dict[str, f
     used = float(sum(m.sum() for m in masks.values()) / sum(m.numel() for m in masks.values()))
     params = [sum(p.numel() for p in m.parameters()) for m in (pruned, full)]
     flop = [flops(m, x) for m in (pruned, full)]
-    lat = latencies({"pruned": pruned, "full": full}, x, args.reps)
+    lat = interleaved_medians({"pruned": lambda: pruned(x), "full": lambda: full(x)}, args.reps)
     assert torch.allclose(pruned(x), net(x, t), rtol=1e-4, atol=1e-4)
     return {"units used": used, "params": params[0] / params[1], "flops": flop[0] / flop[1],
             "latency": lat["pruned"] / lat["full"], "full ms": lat["full"] * 1e3}
