@@ -230,12 +230,14 @@ class MixedRunner:
             entry = self._twins[id(gm)] = (gm, mixed_twin(gm, layout))
         return entry[1]
 
-    def needs_check(self, gm: fx.GraphModule, ids: torch.Tensor, x: Any, inputs: dict) -> tuple:
-        """The key of this kind of batch if it has several tasks and was not checked yet."""
+    def needs_check(self, gm: fx.GraphModule, tasks: int, x: Any, inputs: dict) -> tuple:
+        """The key of this kind of batch if it has several ``tasks`` and was not checked yet."""
+        if tasks < 2:
+            return ()
         shapes = tuple(tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
                        for v in pytree.tree_leaves((x, inputs)))
         key = (id(gm), shapes)
-        return key if key not in self._checked and len(torch.unique(ids)) > 1 else ()
+        return key if key not in self._checked else ()
 
     def check(self, key: tuple, out: Any, reference: dict[int, tuple[torch.Tensor, Any]]) -> None:
         """Compare a mixed output with one run per task; remember the kind of batch if equal."""
@@ -293,7 +295,7 @@ def mixed_forward(net: Any, x: Any, ids: torch.Tensor, mask_scale: Any,
     if net._needs_arming:
         net._arm_or_abort()
     out = net._mixed.twin(graph, net.layout)(x, **passed, task_id=ids, mask_scale=None)
-    key = net._mixed.needs_check(graph, ids, x, passed)
+    key = net._mixed.needs_check(graph, len(present), x, passed)
     if key:
         net._mixed.check(key, out, _per_task(net, x, ids, inputs, present))
     return out
