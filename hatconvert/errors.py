@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 __all__ = ['HATError', 'ConversionError', 'OptionError', 'TaskError', 'CheckpointError',
-           'ExportError', 'InputError', 'MixedBatchError', 'one_line']
+           'ExportError', 'InputError', 'MixedBatchError', 'DistributedError', 'one_line']
 
 
 class HATError(Exception):
@@ -41,6 +41,12 @@ class ExportError(HATError):
 class MixedBatchError(HATError, ValueError):
     """A batch of several tasks (``net(x, task_id=ids)``) cannot run in one pass for this model;
     the message names the input, parameter or layer output at fault. One task per call works."""
+
+
+class DistributedError(HATError, RuntimeError):
+    """A wrapper for several processes (``DistributedDataParallel``, FSDP) is set up in a way
+    under which ranks could drift apart or a trained task could change; the message names the
+    wrapper and the option to change."""
 
 
 def one_line(message: object, keep: int = 5) -> str:

@@ -15,7 +15,9 @@ import torch
 from .errors import OptionError, TaskError
 from .gates import init_embedding_
 from .options import MASK_INITS, check_choice, check_s_max
-from .protection import ADJUSTMENTS, arm_task
+from .distributed import on_end_task, refuse_sharded
+from .protected import ADJUSTMENTS
+from .protection import arm_task
 
 __all__ = ['TaskLifecycle', 'check_begin_options']
 
@@ -47,9 +49,11 @@ class TaskLifecycle:
         mode = mask_init or self.options.mask_init
         check_begin_options(mode, adjustment, alpha, s_max, hard_from)
         gates = self.gates()
+        refuse_sharded(self)
         self._task_start = {path: gate.embedding[t].detach().clone()
                             for path, gate in gates.items()}
         self._task_trained_on = False
+        self._distributed_task = None  # the first training forward looks for a DDP again
         try:
             for gate in gates.values():
                 previous = gate.embedding[t - 1].detach() if t > 0 else None
@@ -108,6 +112,7 @@ class TaskLifecycle:
             warnings.warn(f"task {t} ran no training forward since begin_task({t}): its stored "
                           "masks are its initial embeddings' signs (call abort_task() instead "
                           "of end_task() to abandon a task)", RuntimeWarning, stacklevel=2)
+        on_end_task(self, t)  # under DDP: the ranks' statistics of task t, averaged
         with torch.no_grad():
             for gate in self.gates().values():
                 gate.task_masks[t] = (gate.embedding[t] > 0).to(gate.task_masks.dtype)

@@ -10,6 +10,7 @@ import torch.fx as fx
 from torch import nn
 
 from .calls import CallRouting
+from .distributed import on_training_forward, state_without_wrapper
 from .errors import InputError, TaskError
 from .example import ExampleCall
 from .gates import HATGate
@@ -61,6 +62,8 @@ class HATNetwork(TaskLifecycle, CallRouting, nn.Module):
         self._task_start: dict[str, torch.Tensor] | None = None  # embedding rows at begin_task
         self._task_trained_on = False  # a forward of the active task with gradients ran
         self._warned_optimizers: set[int] = set()
+        self._distributed_task: int | None = None  # the task whose DDP wrapper was checked
+        self._ddp: Any = None  # a weak reference to the DDP training the active task
         watch(self)
 
     # -- copies and pickling ---------------------------------------------------------------
@@ -74,7 +77,7 @@ class HATNetwork(TaskLifecycle, CallRouting, nn.Module):
         state["_guard"] = None
         state["_needs_arming"] = self.active_task is not None
         state["_warned_optimizers"] = set()
-        return state
+        return state_without_wrapper(state)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -108,6 +111,8 @@ class HATNetwork(TaskLifecycle, CallRouting, nn.Module):
         if self.training:
             self._check_training_forward(t, mask_scale)
             self._last_scale = None if mask_scale is None else float(mask_scale)
+            if t == self.active_task and torch.is_grad_enabled():
+                on_training_forward(self, t)  # under DDP: its options, rank 0's embeddings
         elif bool(self.trained[t]) and t != self.active_task:
             self._check_statistics_kept(t)
         if self._guard is not None and t != self.active_task:

@@ -16,86 +16,23 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 from torch import nn
 
-from .layers import is_cond_conv, uses_weight_as_is
-from .registry import layer_spec
+from .held import Block, Held, hold
+from .protected import protection_of, rate_hook
 
 if TYPE_CHECKING:
     from .gates import HATGate
     from .network import HATNetwork
 
-__all__ = ['ADJUSTMENTS', 'EMBEDDING_CLAMP', 'COMPENSATION_CLAMP', 'weight_protection',
-           'adjustment_rate', 'compensate', 'Held', 'hold', 'Guard', 'arm_task', 'shared_weights',
-           'protect_gated', 'held_whole', 'rate_hook', 'compensation_hook', 'clamp_embeddings']
-
-ADJUSTMENTS = ("hat", "hat_random", "hat_const_alpha", "hat_const_1")
+__all__ = ['EMBEDDING_CLAMP', 'COMPENSATION_CLAMP', 'compensate', 'Guard', 'arm_task',
+           'shared_weights', 'protect_gated', 'held_whole', 'compensation_hook',
+           'clamp_embeddings']
 EMBEDDING_CLAMP = 6.0
 COMPENSATION_CLAMP = 50.0
-
-
-def weight_protection(layer: nn.Module, out_mask: torch.Tensor, in_mask: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``min(M_out[o], M_in[i])`` laid out like the layer's weight, and ``M_out`` for its bias.
-
-    Handles Linear ``(out, in)``, ConvNd ``(out, in/groups, *k)``, ConvTransposeNd
-    ``(in, out/groups, *k)``, grouped convolutions included, and timm's CondConv2d, whose
-    weight holds one conv weight per expert ``(experts, out * in/groups * k)``. A layer that
-    transforms its weight (weight standardization) has every input counted as used.
-    """
-    weight = layer.weight
-    out_mask = out_mask.to(weight.device, torch.float32)
-    in_mask = in_mask.to(weight.device, torch.float32)
-    if not uses_weight_as_is(layer):
-        in_mask = torch.ones_like(in_mask)
-    if is_cond_conv(layer):
-        shape = (layer.out_channels, layer.in_channels // layer.groups, *layer.kernel_size)
-        protect = _conv_protection(shape, layer.groups, out_mask, in_mask)
-        bias = None if layer.bias is None else out_mask.expand_as(layer.bias).contiguous()
-        return protect.reshape(1, -1).expand_as(weight).contiguous(), bias
-    spec = layer_spec(layer)
-    if spec is not None:  # registered: one axis for units, one for input features
-        out_shape, in_shape = [1] * weight.ndim, [1] * weight.ndim
-        out_shape[spec.unit_axis], in_shape[spec.input_axis] = -1, -1
-        protect = torch.minimum(out_mask.view(out_shape), in_mask.view(in_shape))
-        return protect.expand_as(weight).contiguous(), out_mask
-    kernel = [1] * (weight.ndim - 2)
-    if isinstance(layer, nn.Linear):
-        protect = torch.minimum(out_mask[:, None], in_mask[None, :])
-    elif getattr(layer, "transposed", False):
-        groups = layer.groups
-        in_per, out_per = weight.shape[0] // groups, weight.shape[1]
-        out_by_in = out_mask.view(groups, out_per).repeat_interleave(in_per, dim=0)  # (in, out/g)
-        protect = torch.minimum(in_mask[:, None], out_by_in).view(*weight.shape[:2], *kernel)
-    else:
-        protect = _conv_protection(tuple(weight.shape), layer.groups, out_mask, in_mask)
-    return protect.expand_as(weight).contiguous(), out_mask
-
-
-def _conv_protection(shape: tuple[int, ...], groups: int, out_mask: torch.Tensor,
-                     in_mask: torch.Tensor) -> torch.Tensor:
-    """``min(M_out[o], M_in[i])`` for a conv weight of ``shape`` ``(out, in/groups, *k)``."""
-    out_per, in_per = shape[0] // groups, shape[1]
-    in_by_out = in_mask.view(groups, in_per).repeat_interleave(out_per, dim=0)  # (out, in/g)
-    protect = torch.minimum(out_mask[:, None], in_by_out)
-    return protect.view(*shape[:2], *([1] * (len(shape) - 2))).expand(shape)
-
-
-def adjustment_rate(protect: torch.Tensor, mode: str, alpha: float | None) -> torch.Tensor:
-    """How much of the gradient an entry keeps, given how protected it is (AdaHAT's baselines)."""
-    if mode == "hat":
-        return 1.0 - protect
-    if mode == "hat_random":
-        return torch.rand_like(protect) * protect + (1.0 - protect)
-    if mode == "hat_const_alpha":
-        return alpha * protect + (1.0 - protect)
-    if mode == "hat_const_1":
-        return torch.ones_like(protect)
-    raise ValueError(f"unknown adjustment {mode!r}; choose one of {', '.join(ADJUSTMENTS)}")
 
 
 def compensate(grad: torch.Tensor, embedding: torch.Tensor, s: float, s_max: float) -> torch.Tensor:
@@ -109,32 +46,6 @@ def compensate(grad: torch.Tensor, embedding: torch.Tensor, s: float, s_max: flo
         out = out.clamp(-limit, limit)
     return out.to(grad.dtype)
 
-
-@dataclass
-class Held:
-    """A tensor kept at its value from ``begin_task``: wholly, or where ``where`` is True."""
-
-    tensor: torch.Tensor
-    reference: torch.Tensor
-    where: torch.Tensor | None = None
-
-    def restore(self) -> None:
-        """Put the held entries back."""
-        data = self.tensor.data if isinstance(self.tensor, nn.Parameter) else self.tensor
-        if self.where is None:
-            data.copy_(self.reference)
-        else:
-            data.copy_(torch.where(self.where, self.reference, data))
-
-
-def hold(tensor: torch.Tensor, where: torch.Tensor | None = None) -> Held | None:
-    """Keep ``tensor`` (where ``where`` is True) at its present value; None if nothing is held."""
-    if where is not None:
-        if not bool(where.any()):
-            return None
-        if bool(where.all()):
-            where = None
-    return Held(tensor, tensor.detach().clone(), where)
 
 
 class Guard:
@@ -150,9 +61,14 @@ class Guard:
         self.param_ids = {id(p) for p in params}
         self.held: list[Held] = []
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.hook_bytes = 0  # what the gradient hooks keep: their protections' factors
         self.shared = shared or {}
         self.task_id = task_id
         self._after_step = after_step
+
+    def nbytes(self) -> int:
+        """Memory the armed protection holds: held values, their positions, hook factors."""
+        return sum(item.nbytes() for item in self.held) + self.hook_bytes
 
     def owns(self, optimizer: torch.optim.Optimizer) -> bool:
         """Whether ``optimizer`` steps any parameter of this guard's network."""
@@ -224,11 +140,9 @@ def arm_task(net: "HATNetwork") -> Guard:
     try:
         if others and opts["adjustment"] != "hat_const_1":
             protect_gated(net, guard, gates, others, t, opts)
-        rows = torch.zeros(net.num_tasks, dtype=torch.bool)
-        rows[others] = True
+        rows = torch.tensor(sorted(others), dtype=torch.long)
         for gate in gates.values():
-            guard.held.append(hold(gate.embedding, rows.to(gate.embedding.device)[:, None]
-                                   .expand_as(gate.embedding)))
+            guard.held.append(hold(gate.embedding, Block(0, rows.to(gate.embedding.device))))
             if gate.embedding.requires_grad:
                 guard.handles.append(gate.embedding.register_hook(
                     compensation_hook(net, gate.embedding)))
@@ -260,17 +174,18 @@ def protect_gated(net: "HATNetwork", guard: Guard, gates: dict[str, "HATGate"],
     inputs = net.input_masks(out, t)
     for path in net.layout.gated:
         layer = net.model.get_submodule(path)
-        protect_w, protect_b = weight_protection(layer, out[path], inputs[path])
+        protect_w, protect_b = protection_of(layer, out[path], inputs[path])
         for param, protect in ((layer.weight, protect_w), (layer.bias, protect_b)):
-            if param is None or not bool(protect.any()):
+            if protect is None or not protect.any():
                 continue
             if param.requires_grad:  # a frozen parameter gets no gradient to scale
                 guard.handles.append(param.register_hook(
                     rate_hook(protect, opts["adjustment"], opts["alpha"])))
+                guard.hook_bytes += protect.nbytes()
             fixed = opts["adjustment"] == "hat" or (opts["adjustment"] == "hat_const_alpha"
                                                     and opts["alpha"] == 0)
             if fixed or not param.requires_grad:
-                guard.held.append(hold(param, protect.bool()))
+                guard.held.append(hold(param, protect.positions()))
 
 
 def held_whole(net: "HATNetwork", others: list[int]) -> list[torch.Tensor]:
@@ -298,17 +213,6 @@ def held_whole(net: "HATNetwork", others: list[int]) -> list[torch.Tensor]:
             if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
                 tensors.append(tensor)
     return tensors
-
-
-def rate_hook(protect: torch.Tensor, mode: str, alpha: float | None
-              ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A gradient hook that scales by the adjustment rate (drawn anew each step for random)."""
-    fixed = None if mode == "hat_random" else adjustment_rate(protect, mode, alpha)
-
-    def hook(grad: torch.Tensor) -> torch.Tensor:
-        rate = fixed if fixed is not None else adjustment_rate(protect, mode, alpha)
-        return grad * rate.to(grad.dtype)
-    return hook
 
 
 def compensation_hook(net: "HATNetwork", embedding: torch.Tensor

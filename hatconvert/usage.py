@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from .errors import HATError
-from .protection import weight_protection
+from .protected import weight_protection
 
 if TYPE_CHECKING:
     from .network import HATNetwork

@@ -16,7 +16,7 @@ from torch import nn
 
 import hatconvert
 from hatconvert.errors import ConversionError
-from hatconvert.protection import weight_protection
+from hatconvert.protected import weight_protection
 
 from helpers import flat, run, train_and_check
 

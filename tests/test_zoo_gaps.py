@@ -28,7 +28,7 @@ import hatconvert
 from hatconvert import ConversionError
 # internal: these tests check the propagated masks and the protected entries themselves
 from hatconvert.propagation import input_masks
-from hatconvert.protection import weight_protection
+from hatconvert.protected import weight_protection
 from helpers import eval_out, train
 from models import DataDependent
 
