@@ -4,6 +4,8 @@ Each rank is seeded apart (as users seed data augmentation) and sees its own hal
 batch. After every task, every earlier task's eval output is bit-identical on both ranks,
 parameters and buffers are equal across ranks, and the result matches one process training on
 the whole batch (the gradient hooks and the compensation acted once per step, not per rank).
+Wrappers set up so that ranks could drift (no ``find_unused_parameters``, ``static_graph``)
+and sharded parameters (``fully_shard``) are refused by name.
 """
 
 from __future__ import annotations
@@ -116,6 +118,14 @@ def _rank(rank, port):
             with pytest.raises(DistributedError, match=named):
                 wrapped(xs[0], 0, 1.0)
             other.abort_task()
+
+        # sharded parameters are refused before the task begins
+        from torch.distributed.fsdp import fully_shard
+        sharded = hatconvert.convert(HeadsMLP(), num_tasks=TASKS, head="head")
+        fully_shard(sharded)
+        with pytest.raises(DistributedError, match="fc1.weight' is sharded"):
+            sharded.begin_task(0)
+        assert sharded.active_task is None
     finally:
         dist.destroy_process_group()
 
@@ -130,3 +140,53 @@ def _free_port() -> int:
 def test_ddp_two_ranks_keep_tasks_fixed_and_ranks_equal():
     mp.start_processes(_rank, args=(_free_port(),), nprocs=WORLD, start_method="spawn",
                        join=True)
+
+
+def _accelerate_rank(rank, port):
+    """The README's Accelerate recipe, launched on two processes (as `accelerate launch` sets
+    the environment)."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from models import ResidualConcatNet
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), ACCELERATE_USE_CPU="1")
+    torch.set_num_threads(1)
+    torch.manual_seed(rank)
+    accelerator = Accelerator(cpu=True, kwargs_handlers=[
+        DistributedDataParallelKwargs(find_unused_parameters=True)])
+    try:
+        net = hatconvert.convert(ResidualConcatNet(classes=4), num_tasks=TASKS)
+        opt = torch.optim.AdamW(net.parameters(), lr=0.01, weight_decay=0.05)
+        model, opt = accelerator.prepare(net, opt)
+        assert isinstance(model, DistributedDataParallel)
+        xs, ys, probe = _data((3, 16, 16), 4)
+        ends = {}
+        for t in range(TASKS):
+            loader = accelerator.prepare(torch.utils.data.DataLoader(
+                torch.utils.data.TensorDataset(xs[t], ys[t]), batch_size=4))
+            net.train()
+            net.begin_task(t)
+            for b, (x, y) in enumerate(loader):
+                s = hatconvert.mask_scale(b, len(loader))
+                loss = F.cross_entropy(model(x, t, s), y) + net.regularization(t, s)
+                opt.zero_grad()
+                accelerator.backward(loss)
+                opt.step()
+            net.update_statistics(t, loader)
+            net.end_task()
+            net.eval()
+            with torch.no_grad():
+                ends[t] = net(probe, t)
+                for u in range(t):
+                    assert torch.equal(net(probe, u), ends[u]), f"task {u} changed after {t}"
+        assert _equal_across_ranks(_flat(net)), "ranks differ after three tasks"
+    finally:
+        accelerator.end_training()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+def test_accelerate_recipe_on_two_processes():
+    pytest.importorskip("accelerate")
+    mp.start_processes(_accelerate_rank, args=(_free_port(),), nprocs=WORLD,
+                       start_method="spawn", join=True)
