@@ -2,8 +2,8 @@
 
 from .checkpoint import load, save
 from .convert import convert
-from .errors import (CheckpointError, ConversionError, ExportError, HATError, InputError,
-                     MixedBatchError, TaskError)
+from .errors import (CheckpointError, ConversionError, DistributedError, ExportError, HATError,
+                     InputError, MixedBatchError, TaskError)
 from .export import export
 from .network import HATNetwork
 from .registry import register_layer
@@ -16,4 +16,4 @@ __version__ = "0.1.0"
 __all__ = ["convert", "HATNetwork", "ConversionError", "TaskError", "HATError",
            "register_leaf_module", "register_leaf_function", "mask_scale", "train_task",
            "__version__", "save", "load", "export", "CheckpointError", "ExportError",
-           "register_layer", "InputError", "MixedBatchError"]
+           "register_layer", "InputError", "MixedBatchError", "DistributedError"]

@@ -16,7 +16,8 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # examples that write files write them here
     namespace: dict = {}
     for i, block in enumerate(blocks):
-        if "import torch, transformers" in block and importlib.util.find_spec(
-                "transformers") is None:
-            continue  # the transformers example needs the optional extra
+        if any(re.search(rf"^(import [^\n]*\b|from ){extra}\b", block, flags=re.M)
+               and importlib.util.find_spec(extra) is None
+               for extra in ("transformers", "lightning", "accelerate")):
+            continue  # the example needs an optional extra
         exec(compile(block, f"README.md python block {i}", "exec"), namespace)
