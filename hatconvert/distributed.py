@@ -59,15 +59,18 @@ def _holds(module: nn.Module, net: nn.Module) -> bool:
 
 def on_training_forward(net: "HATNetwork", t: int) -> None:
     """At the first training forward of task ``t`` under DDP: check the wrapper's options and
-    give every rank rank 0's embeddings of ``t``."""
-    if not _running() or getattr(net, "_distributed_task", None) == t:
+    give every rank rank 0's embeddings of ``t``. Until a DDP is found, every training forward
+    looks again (a first forward may run outside the wrapper)."""
+    if not _running() or net._distributed_task == t:
         return
-    refuse_sharded(net)
+    if net._sharding_checked != t:
+        refuse_sharded(net)  # wrapped after begin_task
+        net._sharding_checked = t
     ddp = wrapper_of(net)
-    net._distributed_task = t
     if ddp is None:
         return
     _check_options(net, ddp)
+    net._distributed_task = t
     net._ddp = weakref.ref(ddp)
     with torch.no_grad():
         for gate in net.gates().values():
@@ -117,7 +120,7 @@ def on_end_task(net: "HATNetwork", t: int) -> None:
     """Average task ``t``'s norm statistics over the ranks of the DDP that trained it."""
     ref = getattr(net, "_ddp", None)
     ddp = ref() if ref is not None else None
-    net._distributed_task = None
+    net._distributed_task = net._sharding_checked = net._ddp = None
     if ddp is None or not _running():
         return
     group, size = ddp.process_group, torch.distributed.get_world_size(ddp.process_group)
@@ -145,6 +148,5 @@ def refuse_sharded(net: "HATNetwork") -> None:
 
 def state_without_wrapper(state: dict[str, Any]) -> dict[str, Any]:
     """A copy or pickle keeps no reference to the DDP that trained the original."""
-    state.pop("_ddp", None)
-    state.pop("_distributed_task", None)
+    state.update(_ddp=None, _distributed_task=None, _sharding_checked=None)
     return state

@@ -53,7 +53,7 @@ class TaskLifecycle:
         self._task_start = {path: gate.embedding[t].detach().clone()
                             for path, gate in gates.items()}
         self._task_trained_on = False
-        self._distributed_task = None  # the first training forward looks for a DDP again
+        self._distributed_task = self._sharding_checked = None  # forwards look for a DDP again
         try:
             for gate in gates.values():
                 previous = gate.embedding[t - 1].detach() if t > 0 else None

@@ -111,7 +111,7 @@ class HATCallback(Callback):
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if self._net is not None and self._net.has_example():
-            pl_module.log("hat/capacity", self._net.capacity())
+            pl_module.log("hat/capacity", self._net.capacity(), sync_dist=True)
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         net, t = self._net, self.task_id

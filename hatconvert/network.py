@@ -63,6 +63,7 @@ class HATNetwork(TaskLifecycle, CallRouting, nn.Module):
         self._task_trained_on = False  # a forward of the active task with gradients ran
         self._warned_optimizers: set[int] = set()
         self._distributed_task: int | None = None  # the task whose DDP wrapper was checked
+        self._sharding_checked: int | None = None  # the task whose parameters were checked
         self._ddp: Any = None  # a weak reference to the DDP training the active task
         watch(self)
 
@@ -82,6 +83,8 @@ class HATNetwork(TaskLifecycle, CallRouting, nn.Module):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_mixed", MixedRunner())
+        for name in ("_ddp", "_distributed_task", "_sharding_checked"):  # older pickles
+            self.__dict__.setdefault(name, None)
         watch(self)
 
     @property

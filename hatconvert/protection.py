@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = ['EMBEDDING_CLAMP', 'COMPENSATION_CLAMP', 'compensate', 'Guard', 'arm_task',
            'shared_weights', 'protect_gated', 'held_whole', 'compensation_hook',
-           'clamp_embeddings']
+           'clamp_embeddings', 'restore_after_step']
 EMBEDDING_CLAMP = 6.0
 COMPENSATION_CLAMP = 50.0
 
@@ -231,7 +231,8 @@ def clamp_embeddings(gates: dict[str, "HATGate"], t: int) -> None:
         gate.embedding.data[t].clamp_(-EMBEDDING_CLAMP, EMBEDDING_CLAMP)
 
 
-def _after_any_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+def restore_after_step(optimizer: torch.optim.Optimizer) -> None:
+    """After any optimizer step: every armed guard that owns its parameters acts."""
     for guard in list(_armed):
         if guard.owns(optimizer):
             guard.after_step()

@@ -26,6 +26,8 @@ __all__ = ['watch', 'ensure_step_hooks', 'check_step']
 
 _networks: "weakref.WeakSet[HATNetwork]" = weakref.WeakSet()
 _step_hooks: tuple | None = None
+# networks whose protection a step's closure arms (its forward): checked after the step
+_armed_by_closure: "weakref.WeakSet[HATNetwork]" = weakref.WeakSet()
 
 
 def watch(network: "HATNetwork") -> None:
@@ -38,9 +40,22 @@ def ensure_step_hooks() -> None:
     """Register torch's global optimizer-step hooks once."""
     global _step_hooks
     if _step_hooks is None:
-        from .protection import _after_any_step
         _step_hooks = (register_optimizer_step_pre_hook(_before_any_step),
                        register_optimizer_step_post_hook(_after_any_step))
+
+
+def _after_any_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    from .protection import restore_after_step
+    restore_after_step(optimizer)
+    for network in list(_armed_by_closure):
+        _armed_by_closure.discard(network)
+        if network.active_task is not None and network._guard is None:
+            raise TaskError(
+                f"the optimizer step's closure ran no forward of the HAT network, so task "
+                f"{network.active_task}'s protection of the trained tasks "
+                f"{network.trained_tasks(excluding=network.active_task)} was never armed and the "
+                "step may have changed them; run one forward (net(x, t, s)) after begin_task "
+                "before stepping with such a closure")
 
 
 def _before_any_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
@@ -67,6 +82,9 @@ def check_step(net: "HATNetwork", optimizer: torch.optim.Optimizer, ids: set[int
                              for group in optimizer.param_groups for p in group["params"])
     if net.active_task is not None:
         stale = net._guard is not None and net._guard.param_ids != mine
+        if net._guard is None and closure and net._needs_arming and not net.has_example():
+            _armed_by_closure.add(net)  # a fresh copy (a spawned process): the closure's
+            return                      # forward sees the first input and arms, before backward
         if (net._guard is None or stale) and changes:
             net._arm_or_abort()  # parameters replaced mid-task (.to() with overwrite): anew
         return

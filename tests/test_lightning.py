@@ -110,3 +110,28 @@ def test_the_network_is_found_or_named():
         HATCallback(0).network_of(plain)
     with pytest.raises(ValueError, match="schedule"):
         HATCallback(0, schedule="sometimes")
+
+
+def test_ddp_strategy_on_two_processes():
+    """``strategy=DDPStrategy(find_unused_parameters=True)`` with two spawned CPU processes: each
+    fit runs in fresh processes (their networks have seen no input before the first step, which
+    Lightning takes with a closure), and task 0 comes back unchanged after task 1."""
+    from lightning.pytorch.strategies import DDPStrategy
+    torch.manual_seed(0)
+    module = Module()
+    probe = torch.randn(5, 3, 16, 16)
+    outputs = []
+    for t in range(2):
+        trainer = pl.Trainer(
+            accelerator="cpu", devices=2, max_epochs=1, callbacks=[HATCallback(t)],
+            strategy=DDPStrategy(start_method="spawn", find_unused_parameters=True),
+            logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*(num_workers|does not have many).*")
+            trainer.fit(module, _loader(t))
+        assert module.net.trained.tolist()[:t + 1] == [True] * (t + 1)
+        module.net.eval()
+        with torch.no_grad():
+            outputs.append(module.net(probe, 0))
+    assert torch.equal(outputs[0], outputs[1])

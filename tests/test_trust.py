@@ -16,6 +16,7 @@ from torch import nn
 import hatconvert
 from hatconvert import TaskError
 from helpers import eval_out, train
+from models import ResidualConcatNet
 
 
 class TokenMLP(nn.Module):
@@ -533,3 +534,48 @@ def test_steps_that_change_nothing_are_not_refused():
     other_opt = torch.optim.SGD(other.parameters(), lr=0.1)
     other(torch.randn(4, 3)).sum().backward()
     other_opt.step()  # an optimizer over another model entirely
+
+
+def _loaded_copy_with_task_0():
+    """A network that has trained task 0 but never seen an input, as a process gets one from a
+    state dict (Lightning's spawned processes, ``load_state_dict`` into a fresh conversion)."""
+    torch.manual_seed(0)
+    source = hatconvert.convert(ResidualConcatNet(classes=3), num_tasks=2)
+    x, y = torch.randn(6, 3, 16, 16), torch.randint(0, 3, (6,))
+    train(source, torch.optim.AdamW(source.parameters(), lr=0.01, weight_decay=0.05), 0, x, y)
+    fresh = hatconvert.convert(ResidualConcatNet(classes=3), num_tasks=2)
+    fresh.load_state_dict(source.state_dict())
+    assert not fresh.has_example() and bool(fresh.trained[0])
+    return fresh, eval_out(source, x, 0), x, y
+
+
+def test_a_closure_step_arms_protection_in_its_own_forward():
+    net, reference, x, y = _loaded_copy_with_task_0()
+    opt = torch.optim.AdamW(net.parameters(), lr=0.05, weight_decay=0.05)
+    net.train()
+    net.begin_task(1)  # nothing to propagate on yet: the closure's forward arms it
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(net(x, 1, 50.0), y) + net.regularization(1, 50.0)
+        loss.backward()
+        return loss
+    for _ in range(3):
+        opt.step(closure)
+    net.end_task()
+    assert torch.equal(eval_out(net, x, 0), reference)
+
+
+def test_a_closure_step_without_a_forward_is_reported():
+    net, _, x, _ = _loaded_copy_with_task_0()
+    opt = torch.optim.AdamW(net.parameters(), lr=0.05, weight_decay=0.05)
+    net.train()
+    net.begin_task(1)
+
+    def closure():  # gradients, but no forward of the network: nothing could arm
+        opt.zero_grad()
+        loss = net.regularization(1, 50.0)
+        loss.backward()
+        return loss
+    with pytest.raises(TaskError, match="closure ran no forward"):
+        opt.step(closure)
