@@ -164,15 +164,21 @@ def rate_hook(protection: Protection, mode: str, alpha: float | None
     a, b = protection.a, protection.b
     if mode in ("hat", "hat_const_alpha") and protection.binary():
         keep = 0.0 if mode == "hat" else float(alpha)  # what a protected entry keeps
-        if b is None or 4 * protection.compact().numel() <= protection.shape.numel():
+        if b is None:  # a bias or a norm's vector: the rate is as small as the factor
+            rate = 1.0 - (1.0 - keep) * a
+            return lambda grad: grad * rate.to(grad.dtype)
+        if 4 * protection.compact().numel() <= protection.shape.numel():
             # the factors' product is much smaller than the weight (a kernel): build it
             def hook(grad: torch.Tensor) -> torch.Tensor:
                 return grad * (1.0 - (1.0 - keep) * protection.compact()).to(grad.dtype)
             return hook
 
+        scaled_a = a * -(1.0 - keep)  # two ops per step, none of them on the small factors
+
         def hook(grad: torch.Tensor) -> torch.Tensor:  # grad - (1 - keep) * grad * a * b
-            return torch.addcmul(grad, grad * a.to(grad.dtype), b.to(grad.dtype),
-                                 value=-(1.0 - keep))
+            if grad.dtype != scaled_a.dtype:
+                return torch.addcmul(grad, grad * scaled_a.to(grad.dtype), b.to(grad.dtype))
+            return torch.addcmul(grad, grad * scaled_a, b)
         return hook
 
     def hook(grad: torch.Tensor) -> torch.Tensor:
