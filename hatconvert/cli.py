@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--prune", action="store_true",
                      help="write a torch.export program (.pt2) without the units the task "
                           "leaves closed; it runs with plain PyTorch: "
-                          "torch.export.load(FILE).module()(x)")
+                          "torch.export.load(FILE).module()(x); a FILE ending in .onnx "
+                          "gets an ONNX model (needs the onnx extra)")
 
     forg = commands.add_parser(
         "forget", help="release the units only one task used and save the result",
@@ -214,7 +215,9 @@ def run_export(args: argparse.Namespace) -> int:
         bar.update(1)
     if args.prune:
         kept = sum(p.numel() for p in state.parameters())
-        print(f"task {args.task} exported to {args.output}: a pruned torch.export program, "
+        kind = "an ONNX model" if str(args.output).endswith(".onnx") else \
+            "a torch.export program"
+        print(f"task {args.task} exported to {args.output}: {kind} of the pruned task, "
               f"{kept} parameters")
         return 0
     head = net.layout.heads[0] if net.layout.heads else None

@@ -13,10 +13,10 @@ were. The result is exact by construction: a closed unit is zero in the HAT netw
 from __future__ import annotations
 
 import copy
+import importlib.util
 import io
 import operator
 import pathlib
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,10 +24,12 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from .compact import Compact, expand_units
 from .errors import ExportError
 from .gates import HATGate, apply_gate, closed_rows_zeroed, gated_layer, scale_rows
 from .layers import TaskIndexed, TaskParameter, gate_behind_norm, normalizes_each_unit
 from .leaves import ScopedLeaf
+from .pruned_heads import HeadOps
 from .op_rules import (ELEMENTWISE_MODULES, STRUCTURAL_MODULES, is_elementwise,
                        writes_first_argument)
 
@@ -40,25 +42,6 @@ _POOL_MODULES = tuple(m for m in STRUCTURAL_MODULES if "Pool" in m.__name__)
 _SUMS = {"add", "__add__", "sub", "__sub__"}
 _SCALES = {"mul", "__mul__", "__rmul__", torch.mul, operator.mul}
 _IDENTITIES_IN_EVAL = {"timm.layers.drop.DropPath"}  # what eval mode makes the identity
-
-
-@dataclass
-class Compact:
-    """A tensor of which only the units ``index`` (along ``dim``, of ``size``) are kept; the
-    others are zero."""
-
-    node: fx.Node
-    dim: int
-    index: torch.Tensor
-    size: int
-
-
-def expand_units(compact: torch.Tensor, index: torch.Tensor, size: int, dim: int
-                 ) -> torch.Tensor:
-    """The full tensor: ``compact`` at positions ``index`` of ``dim``, zeros elsewhere."""
-    shape = list(compact.shape)
-    shape[dim] = size
-    return compact.new_zeros(shape).index_add_(dim, index, compact)  # faster than index_copy
 
 
 class _Shapes(fx.Interpreter):
@@ -77,7 +60,7 @@ def node_shapes(gm: fx.GraphModule, args: list[Any]) -> dict[fx.Node, tuple | No
     return interpreter.shapes
 
 
-class _KeptUnits:
+class _KeptUnits(HeadOps):
     """The ops that give a compact tensor compact: the same op on the kept units alone."""
 
     gm: fx.GraphModule
@@ -87,11 +70,19 @@ class _KeptUnits:
 
     def keeps_units(self, n: fx.Node) -> Any:
         """The op on the kept units alone, when that gives the same numbers; else None."""
+        item = self.item_of(n)
+        if item is not None:
+            return item
         args = self.arg(n.args)
         compact = [a for a in args if isinstance(a, Compact)]
-        if not compact or n.kwargs and any(isinstance(v, fx.Node) for v in n.kwargs.values()):
+        if not compact:
             return None
         c = compact[0]
+        heads = self.head_op(n, args, c)
+        if heads is not None:
+            return heads
+        if n.kwargs and any(isinstance(v, fx.Node) for v in n.kwargs.values()):
+            return None
         rest = [a for a in args if a is not c]
         if n.target in _SUMS or n.target in (torch.add, torch.sub, operator.add, operator.sub):
             if len(compact) == 2 and len(args) == 2 and compact[1].dim == c.dim:
@@ -149,7 +140,8 @@ class _KeptUnits:
             return None
         dims = [d % len(dims) for d in dims]
         out = self.graph.create_node(n.op, n.target, (c.node, *n.args[1:]), dict(n.kwargs))
-        return Compact(out, dims.index(c.dim), c.index, c.size)
+        units = None if c.units is None else c.units.permute(dims)
+        return Compact(out, dims.index(c.dim), c.index, c.size, units)
 
     def _add_into(self, n: fx.Node, args: Any, c: Compact) -> Any:
         """``full + compact`` (a residual stream and a branch): the branch added into the kept
@@ -496,9 +488,11 @@ def export_program(net: Any, t: int, path: str | None = None, prune: bool = True
                    ) -> torch.export.ExportedProgram:
     """Task ``t`` pruned to its open units, as a ``torch.export`` program of the first input
     (batch size free), checked against ``net(x, t)`` on the example input; saved to ``path``
-    (a ``.pt2`` that ``torch.export.load`` runs without hatconvert) if given. ``prune=False``
+    (a ``.pt2`` that ``torch.export.load`` runs without hatconvert, or with a ``.onnx`` name an
+    ONNX model) if given. ``prune=False``
     keeps every unit (closed ones zero): the same program unpruned, to compare with."""
     from .checkpoint import write_atomic
+    _check_onnx_exporter(path)
     if net.layout.top_level is not None:
         raise ExportError(f"{net.layout.signature.model} is kept whole (its forward does not "
                           "trace): the pruned export needs its graph")
@@ -519,8 +513,31 @@ def export_program(net: Any, t: int, path: str | None = None, prune: bool = True
         program = torch.export.export(pruned, (x,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
     finally:
         net.train(training)
-    if path is not None:
+    if path is not None and str(path).endswith(".onnx"):
+        _write_onnx(program, x, expected, path)
+    elif path is not None:
         buffer = io.BytesIO()
         torch.export.save(program, buffer)
         write_atomic(path, lambda tmp: pathlib.Path(tmp).write_bytes(buffer.getvalue()))
     return program
+
+
+def _check_onnx_exporter(path: Any) -> None:
+    if path is not None and str(path).endswith(".onnx"):
+        missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ExportError(f"writing {path} as ONNX needs {' and '.join(missing)}: "
+                              "pip install 'hatconvert[onnx]' (or write a .pt2)")
+
+
+def _write_onnx(program: torch.export.ExportedProgram, x: torch.Tensor,
+                expected: torch.Tensor, path: Any) -> None:
+    """The program as an ONNX model (batch size free), checked with onnxruntime if installed."""
+    from .checkpoint import write_atomic
+    onnx_program = torch.onnx.export(program, (x,), dynamo=True, verbose=False)
+    if importlib.util.find_spec("onnxruntime") is not None:
+        got = torch.as_tensor(onnx_program(x)[0])
+        if not torch.allclose(got, expected, rtol=1e-3, atol=1e-4):  # its own conv kernels
+            raise ExportError(f"the ONNX model of {path} differs from the network by "
+                              f"{float((got - expected).abs().max()):.3g}: please report the model")
+    write_atomic(path, onnx_program.save)

@@ -162,3 +162,121 @@ def test_random_program_pruned_export_equals_the_task(program, seed):
     with torch.no_grad():
         assert torch.allclose(program_of_task.module()(x2), net(x2, 0), rtol=1e-4, atol=1e-5,
                               equal_nan=True)
+
+
+class SeparateProjections(nn.Module):
+    """Attention written as BERT writes it: query, key and value Linears, ``view`` into heads,
+    ``transpose``, ``scaled_dot_product_attention`` and back, then an output Linear."""
+
+    def __init__(self, features=6, width=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Linear(features, width)
+        self.query, self.key, self.value = (nn.Linear(width, width) for _ in range(3))
+        self.out, self.head = nn.Linear(width, width), nn.Linear(width, 3)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        h = self.embed(x)
+        q, k, v = (p(h).view(b, n, self.heads, -1).transpose(1, 2)
+                   for p in (self.query, self.key, self.value))
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1)
+        return self.head((h + self.out(a)).mean(1))
+
+
+HEAD_CASES = {  # (build, input shape, the gates of the projection split into heads, heads)
+    "timm-vit": (CASES["timm-vit"][0], (3, 32, 32), ["blocks_0_attn_qkv", "blocks_1_attn_qkv"],
+                 3),
+    "separate-projections": (SeparateProjections, (5, 6), ["query", "key", "value"], 4),
+}
+
+
+def attention_heads(program) -> list[int]:
+    """The head count of every attention the exported program runs."""
+    return [node.args[0].meta["val"].shape[1] for node in program.graph.nodes
+            if "scaled_dot_product" in str(node.target)]
+
+
+def close_units(net, gate: str, units) -> None:
+    with torch.no_grad():
+        getattr(net.model.hat_gates, gate).embedding[1, units] = -4.0
+
+
+@pytest.mark.parametrize("name", list(HEAD_CASES))
+def test_attention_heads_whose_values_a_task_closes_are_removed(name, tmp_path):
+    build, shape, gates, heads = HEAD_CASES[name]
+    torch.manual_seed(0)
+    net = hatconvert.convert(build(), num_tasks=2, num_classes=3)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    x, y = torch.randn(8, *shape), torch.randint(0, 3, (8,))
+    for t in range(2):
+        train(net, opt, t, x, y, steps=3)
+    net.eval()
+    assert attention_heads(export_program(net, 1)) == [heads] * len(attention_heads(
+        export_program(net, 1)))  # every head has a value unit open after training
+    width = getattr(net.model.hat_gates, gates[-1]).embedding.shape[1]
+    head_dim = (width // 3 if name == "timm-vit" else width) // heads
+    if name == "timm-vit":  # block 0: head 1's value closed; block 1: all of head 0
+        close_units(net, gates[0], range(2 * width // 3 + head_dim, 2 * width // 3 + 2 * head_dim))
+        close_units(net, gates[1], [u for u in range(width) if (u // head_dim) % heads == 0])
+    else:  # head 2's value and head 3's query closed (a zero query still attends)
+        close_units(net, "value", range(2 * head_dim, 3 * head_dim))
+        close_units(net, "query", range(3 * head_dim, 4 * head_dim))
+    program = hatconvert.export(net, 1, tmp_path / "task1.pt2", prune=True)
+    assert attention_heads(program) == [heads - 1] * (2 if name == "timm-vit" else 1)
+    assert attention_heads(export_program(net, 1, prune=False)) == attention_heads(
+        export_program(net, 0, prune=False))
+    x = torch.randn(3, *shape)
+    with torch.no_grad():
+        assert torch.allclose(torch.export.load(tmp_path / "task1.pt2").module()(x), net(x, 1),
+                              rtol=1e-4, atol=1e-5)
+
+
+@settings(max_examples=12, deadline=None, derandomize=True, database=None, print_blob=False)
+@given(closed=st.lists(st.tuples(st.sampled_from(["query", "key", "value"]), st.integers(0, 3),
+                                 st.sampled_from(["all", "half"])), max_size=6),
+       seed=st.integers(0, 100))
+def test_closing_any_units_of_any_heads_keeps_the_pruned_attention_exact(closed, seed):
+    """Heads closed whole or in part, in the query, key or value: the program equals the task
+    and runs one head per head with a value unit open."""
+    torch.manual_seed(seed)
+    net = hatconvert.convert(SeparateProjections(), num_tasks=2, num_classes=3).eval()
+    x = torch.randn(4, 5, 6)
+    with torch.no_grad():
+        net(x, 0)
+        for gate in ("query", "key", "value"):
+            getattr(net.model.hat_gates, gate).embedding[1] = 1.0
+    for gate, head, part in closed:
+        close_units(net, gate, range(8 * head, 8 * head + (8 if part == "all" else 4)))
+    value_open = net.masks(1)["value"].reshape(4, 8).any(1)
+    program = export_program(net, 1)
+    assert attention_heads(program) == [int(value_open.sum()) or 4]  # none open: left whole
+    x2 = torch.randn(3, 5, 6)
+    with torch.no_grad():
+        assert torch.allclose(program.module()(x2), net(x2, 1), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["timm-vit", "depthwise-separable"])
+def test_an_onnx_name_writes_an_onnx_model_that_onnxruntime_runs(name, tmp_path):
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    net, shape = trained(name)
+    path = tmp_path / "task1.onnx"
+    hatconvert.export(net, 1, path, prune=True)
+    session = ort.InferenceSession(str(path))
+    x = torch.randn(5, *shape)  # another batch size than the example's
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        assert torch.allclose(torch.from_numpy(got), net(x, 1), rtol=1e-3, atol=1e-4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["task1.onnx"]  # no temporary left
+
+
+def test_onnx_without_its_exporter_is_refused_before_any_work(tmp_path, monkeypatch):
+    import importlib.util
+    net, _ = trained("residual-concat", tasks=1)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "onnxscript" else real(name, *a))
+    with pytest.raises(hatconvert.ExportError, match=r"task0\.onnx as ONNX needs onnxscript"):
+        hatconvert.export(net, 0, tmp_path / "task0.onnx", prune=True)
+    assert list(tmp_path.iterdir()) == []
