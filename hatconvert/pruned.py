@@ -249,6 +249,8 @@ class Pruner(_KeptUnits):
             return type(a)(self.arg(v) for v in a)
         if isinstance(a, dict):
             return {k: self.arg(v) for k, v in a.items()}
+        if isinstance(a, slice):  # x[:, :h] with h read from a shape
+            return slice(self.arg(a.start), self.arg(a.stop), self.arg(a.step))
         return a
 
     def copy_node(self, n: fx.Node, target: Any = None) -> fx.Node:

@@ -128,26 +128,31 @@ class HeadOps:
 
     # -- attention ------------------------------------------------------------------------------
     def _attention(self, n: fx.Node, args: Any) -> Compact | None:
-        """Query, key and value compact on the same head dim (not the last two): attention over
-        the heads whose value has a unit open (a zero query or key is kept as zeros)."""
+        """A value compact on a head dim (not the last two), the query and key compact on it
+        too or whole: attention over the heads whose value has a unit open."""
         kwargs = dict(zip(("attn_mask", "dropout_p", "is_causal", "scale"), args[3:]))
         kwargs.update(self.arg(dict(n.kwargs)))
         qkv = args[:3]
-        if len(qkv) != 3 or not all(isinstance(a, Compact) for a in qkv) or \
-                len({(a.dim, a.size) for a in qkv}) != 1 or kwargs.get("dropout_p", 0.0) != 0.0 \
-                or kwargs.get("enable_gqa", False):
+        if len(qkv) != 3 or not isinstance(qkv[2], Compact) or \
+                kwargs.get("dropout_p", 0.0) != 0.0 or kwargs.get("enable_gqa", False):
             return None
-        dim, size = qkv[0].dim, qkv[0].size
+        dim, size = qkv[2].dim, qkv[2].size
         ndim = len(self.shapes[n])
+        for a, old in zip(qkv[:2], n.args[:2]):  # a query or key normed per head comes whole
+            if (a.dim, a.size) != (dim, size) if isinstance(a, Compact) else \
+                    not isinstance(a, fx.Node) or \
+                    (self.shapes.get(old) or ())[dim:dim + 1] != (size,):
+                return None
         mask = kwargs.get("attn_mask")
         if dim >= ndim - 2 or isinstance(mask, Compact) or isinstance(mask, fx.Node) and \
                 self._head_sized(n.kwargs.get("attn_mask", n.args[3] if len(n.args) > 3
                                               else None), dim, ndim):
             return None
         kept = self._open_heads(qkv[2])  # a zero value head puts out zero, whatever it attends
-        if len(kept) == 0 or len(kept) == size and all(len(a.index) == size for a in qkv):
+        if len(kept) == 0 or len(kept) == size and all(isinstance(a, fx.Node) or
+                                                        len(a.index) == size for a in qkv):
             return None
-        inputs = [self._heads_to(a, kept) for a in qkv]
+        inputs = [self._heads_to(a, kept, dim) for a in qkv]
         out = self.graph.call_function(F.scaled_dot_product_attention, tuple(inputs), kwargs)
         return Compact(out, dim, kept, size)
 
@@ -159,8 +164,11 @@ class HeadOps:
         has_open = c.units.any(dim=others) if others else c.units
         return c.index[has_open[c.index]]
 
-    def _heads_to(self, c: Compact, kept: torch.Tensor) -> fx.Node:
-        """``c`` on the heads ``kept``: those it lacks zero, those not kept left out."""
+    def _heads_to(self, c: Any, kept: torch.Tensor, dim: int) -> fx.Node:
+        """``c`` on the heads ``kept`` (along ``dim``): those it lacks zero, those not kept
+        left out."""
+        if not isinstance(c, Compact):
+            return self.graph.call_method("index_select", (c, dim, self.attr("heads", kept)))
         x, have = c.node, c.index
         if not bool(torch.isin(have, kept).all()):
             inside = torch.isin(have, kept).nonzero().squeeze(1)

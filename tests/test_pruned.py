@@ -45,6 +45,9 @@ CASES = {
                                            depth=2, num_classes=3), (3, 32, 32)),
     "timm-mobilenetv3": (lambda: timm.create_model("mobilenetv3_small_050", num_classes=3),
                          (3, 32, 32)),
+    "timm-swin": (lambda: timm.create_model("swin_tiny_patch4_window7_224", img_size=32,
+                                            window_size=4, depths=(1, 1), embed_dim=16,
+                                            num_heads=(2, 2), num_classes=3), (3, 32, 32)),
 }
 
 
@@ -187,6 +190,9 @@ class SeparateProjections(nn.Module):
 HEAD_CASES = {  # (build, input shape, the gates of the projection split into heads, heads)
     "timm-vit": (CASES["timm-vit"][0], (3, 32, 32), ["blocks_0_attn_qkv", "blocks_1_attn_qkv"],
                  3),
+    "timm-vit-qk-norm": (lambda: timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=3, qk_norm=True),
+        (3, 32, 32), ["blocks_0_attn_qkv", "blocks_1_attn_qkv"], 3),
     "separate-projections": (SeparateProjections, (5, 6), ["query", "key", "value"], 4),
 }
 
@@ -215,15 +221,15 @@ def test_attention_heads_whose_values_a_task_closes_are_removed(name, tmp_path):
     assert attention_heads(export_program(net, 1)) == [heads] * len(attention_heads(
         export_program(net, 1)))  # every head has a value unit open after training
     width = getattr(net.model.hat_gates, gates[-1]).embedding.shape[1]
-    head_dim = (width // 3 if name == "timm-vit" else width) // heads
-    if name == "timm-vit":  # block 0: head 1's value closed; block 1: all of head 0
+    head_dim = (width // 3 if name.startswith("timm-vit") else width) // heads
+    if name.startswith("timm-vit"):  # (with qk_norm the query and key reach attention whole)  # block 0: head 1's value closed; block 1: all of head 0
         close_units(net, gates[0], range(2 * width // 3 + head_dim, 2 * width // 3 + 2 * head_dim))
         close_units(net, gates[1], [u for u in range(width) if (u // head_dim) % heads == 0])
     else:  # head 2's value and head 3's query closed (a zero query still attends)
         close_units(net, "value", range(2 * head_dim, 3 * head_dim))
         close_units(net, "query", range(3 * head_dim, 4 * head_dim))
     program = hatconvert.export(net, 1, tmp_path / "task1.pt2", prune=True)
-    assert attention_heads(program) == [heads - 1] * (2 if name == "timm-vit" else 1)
+    assert attention_heads(program) == [heads - 1] * (2 if name.startswith("timm-vit") else 1)
     assert attention_heads(export_program(net, 1, prune=False)) == attention_heads(
         export_program(net, 0, prune=False))
     x = torch.randn(3, *shape)
