@@ -286,3 +286,36 @@ def test_onnx_without_its_exporter_is_refused_before_any_work(tmp_path, monkeypa
     with pytest.raises(hatconvert.ExportError, match=r"task0\.onnx as ONNX needs onnxscript"):
         hatconvert.export(net, 0, tmp_path / "task0.onnx", prune=True)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_rounding_difference_is_accepted_once_float64_agrees():
+    """inception_v3's pruned float program differs from the network by float rounding only
+    (concatenated branches that sum fewer terms, in another order): a float64 copy agrees."""
+    torch.manual_seed(0)
+    net = hatconvert.convert(timm.create_model("inception_v3", num_classes=3), num_tasks=2,
+                             num_classes=3)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    x, y = torch.randn(4, 3, 96, 96), torch.randint(0, 3, (4,))
+    for t in range(2):
+        train(net, opt, t, x, y, steps=2)
+    net.eval()
+    program = export_program(net, 1)
+    with torch.no_grad():
+        expected = net(x, 1)
+        assert (program.module()(x) - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+def test_a_program_that_computes_something_else_is_refused(tmp_path, monkeypatch):
+    import hatconvert.pruned as pruned
+    net, _ = trained("residual-concat")
+    sliced = pruned._sliced
+
+    def off_by_a_thousandth(*args, **kwargs):
+        layer = sliced(*args, **kwargs)
+        with torch.no_grad():
+            layer.weight.mul_(1.001)
+        return layer
+    monkeypatch.setattr(pruned, "_sliced", off_by_a_thousandth)
+    with pytest.raises(hatconvert.ExportError, match="differs from the network"):
+        hatconvert.export(net, 1, tmp_path / "wrong.pt2", prune=True)
+    assert list(tmp_path.iterdir()) == []
