@@ -1,10 +1,10 @@
-"""Attention heads in the pruned export: a head whose units a task closes is removed.
+"""Attention heads in the pruned export: a head whose value a task closes is removed.
 
-A projection's output split into heads (``reshape(B, N, [3,] H, D)``) whose kept units leave
-some head with none open becomes a tensor *compact along the head dim*: only the heads with an
-open unit, the other units of those heads zero. It stays compact through permutes, transposes,
-``unbind`` and ``F.scaled_dot_product_attention`` (a head whose value is zero puts out zero,
-whatever its query and key, so attention runs on the heads with a value unit open), and merging the
+A layer's output split into heads (``reshape(B, N, [3,] H, D)``) becomes a tensor *compact
+along the head dim*: only the heads with a unit open, the closed units of those heads zero,
+with a record of which entries may be nonzero. It stays compact through permutes, transposes
+and ``unbind``; ``F.scaled_dot_product_attention`` then runs only on the heads whose value has
+a unit open (a zero value puts out zero, whatever the query and key attend to), and merging the
 heads back (``reshape(B, N, C)``) gives the kept heads' units of ``C``, which the next gated
 layer reads as input columns. Anything else gets the full tensor back, as in pruned.py.
 """
