@@ -215,8 +215,8 @@ def run_export(args: argparse.Namespace) -> int:
         bar.update(1)
     if args.prune:
         kept = sum(p.numel() for p in state.parameters())
-        kind = "an ONNX model" if str(args.output).endswith(".onnx") else \
-            "a torch.export program"
+        from .pruned import is_onnx
+        kind = "an ONNX model" if is_onnx(args.output) else "a torch.export program"
         print(f"task {args.task} exported to {args.output}: {kind} of the pruned task, "
               f"{kept} parameters")
         return 0

@@ -232,6 +232,7 @@ def export(net: HATNetwork, task_id: int, path: str | os.PathLike | None = None,
     if not isinstance(net, HATNetwork):
         raise ExportError(f"export expects a HATNetwork, got {type(net).__name__}")
     target = None if path is None else check_target(path)  # before any work: read-only, no dir
+    _check_format(path, prune)
     t = net.check_task_id(task_id)
     if t == net.active_task:
         raise TaskError(f"task {t} is being trained: call end_task() before exporting it")
@@ -264,3 +265,14 @@ def export(net: HATNetwork, task_id: int, path: str | os.PathLike | None = None,
                 "hatconvert_source": json.dumps(net.config.get("source"), default=str)}
         write_atomic(target, lambda tmp: write_safetensors(result, tmp, meta, target))
     return result
+
+
+def _check_format(path: str | os.PathLike | None, prune: bool) -> None:
+    """A file name that promises another format than the one ``prune`` writes is refused."""
+    suffix = os.path.splitext(str(path))[1].lower() if path is not None else ""
+    if not prune and suffix in (".pt2", ".onnx"):
+        raise ExportError(f"{path} names a {suffix} file, which only the pruned export writes: "
+                          "pass prune=True (--prune), or a .safetensors name for the weights")
+    if prune and suffix == ".safetensors":
+        raise ExportError(f"the pruned export writes a torch.export program, not {path}: "
+                          "name it .pt2 (or .onnx)")

@@ -33,7 +33,7 @@ from .pruned_heads import HeadOps
 from .op_rules import (ELEMENTWISE_MODULES, STRUCTURAL_MODULES, is_elementwise,
                        writes_first_argument)
 
-__all__ = ['Compact', 'expand_units', 'Pruner', 'node_shapes']
+__all__ = ['Compact', 'expand_units', 'Pruner', 'node_shapes', 'export_program', 'is_onnx']
 
 _POOLS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
           F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
@@ -489,10 +489,10 @@ def _bound_inputs(gm: fx.GraphModule, t: int, x: torch.Tensor
 def export_program(net: Any, t: int, path: str | None = None, prune: bool = True
                    ) -> torch.export.ExportedProgram:
     """Task ``t`` pruned to its open units, as a ``torch.export`` program of the first input
-    (batch size free), checked against ``net(x, t)`` on the example input; saved to ``path``
-    (a ``.pt2`` that ``torch.export.load`` runs without hatconvert, or with a ``.onnx`` name an
-    ONNX model) if given. ``prune=False``
-    keeps every unit (closed ones zero): the same program unpruned, to compare with."""
+    (batch size free), checked against ``net(x, t)`` on the example input; saved to ``path`` if
+    given (a ``.pt2`` that ``torch.export.load`` runs without hatconvert, or for a ``.onnx``
+    name an ONNX model). ``prune=False`` keeps every unit (closed ones zero): the same program
+    unpruned, to compare with."""
     from .checkpoint import write_atomic
     _check_onnx_exporter(path)
     if net.layout.top_level is not None:
@@ -515,7 +515,7 @@ def export_program(net: Any, t: int, path: str | None = None, prune: bool = True
         program = torch.export.export(pruned, (x,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
     finally:
         net.train(training)
-    if path is not None and str(path).endswith(".onnx"):
+    if is_onnx(path):
         _write_onnx(program, x, expected, path)
     elif path is not None:
         buffer = io.BytesIO()
@@ -544,8 +544,13 @@ def _equal_in_float64(net: Any, t: int, x: torch.Tensor, prune: bool) -> bool:
     return bool(torch.allclose(got, expected, rtol=1e-9, atol=1e-9))
 
 
+def is_onnx(path: Any) -> bool:
+    """Whether ``path`` asks for an ONNX model rather than a ``.pt2`` program."""
+    return path is not None and str(path).lower().endswith(".onnx")
+
+
 def _check_onnx_exporter(path: Any) -> None:
-    if path is not None and str(path).endswith(".onnx"):
+    if is_onnx(path):
         missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
         if missing:
             raise ExportError(f"writing {path} as ONNX needs {' and '.join(missing)}: "

@@ -55,7 +55,7 @@ class HeadOps:
         return None
 
     # -- reshapes -------------------------------------------------------------------------------
-    def _new_shape(self, n: fx.Node) -> list[Any] | None:
+    def _new_shape(self, n: fx.Node) -> list[Any]:
         sizes = list(n.args[1:] if n.op == "call_method" else n.args[1:2])
         if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
             sizes = list(sizes[0])

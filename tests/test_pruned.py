@@ -218,8 +218,8 @@ def test_attention_heads_whose_values_a_task_closes_are_removed(name, tmp_path):
     for t in range(2):
         train(net, opt, t, x, y, steps=3)
     net.eval()
-    assert attention_heads(export_program(net, 1)) == [heads] * len(attention_heads(
-        export_program(net, 1)))  # every head has a value unit open after training
+    trained_heads = attention_heads(export_program(net, 1))
+    assert trained_heads and set(trained_heads) == {heads}  # every value head open after training
     width = getattr(net.model.hat_gates, gates[-1]).embedding.shape[1]
     head_dim = (width // 3 if name.startswith("timm-vit") else width) // heads
     if name.startswith("timm-vit"):  # (with qk_norm the query and key reach attention whole)  # block 0: head 1's value closed; block 1: all of head 0
@@ -318,4 +318,15 @@ def test_a_program_that_computes_something_else_is_refused(tmp_path, monkeypatch
     monkeypatch.setattr(pruned, "_sliced", off_by_a_thousandth)
     with pytest.raises(hatconvert.ExportError, match="differs from the network"):
         hatconvert.export(net, 1, tmp_path / "wrong.pt2", prune=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name, prune", [("task0.onnx", False), ("task0.pt2", False),
+                                         ("task0.safetensors", True)])
+def test_a_file_name_of_the_other_format_is_refused_before_any_work(name, prune, tmp_path):
+    """A hurried ``export(net, 0, "task0.onnx")`` would have written safetensors under an ONNX
+    name: the name and the format must agree."""
+    net, _ = trained("residual-concat", tasks=1)
+    with pytest.raises(hatconvert.ExportError, match=name.replace(".", r"\.")):
+        hatconvert.export(net, 0, tmp_path / name, prune=prune)
     assert list(tmp_path.iterdir()) == []
