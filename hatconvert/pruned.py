@@ -561,10 +561,14 @@ def _write_onnx(program: torch.export.ExportedProgram, x: torch.Tensor,
                 expected: torch.Tensor, path: Any) -> None:
     """The program as an ONNX model (batch size free), checked with onnxruntime if installed."""
     from .checkpoint import write_atomic
+    size = sum(v.numel() * v.element_size() for v in program.state_dict.values())
+    if size >= 2 ** 31:  # protobuf's limit: the weights would go to a file beside it
+        raise ExportError(f"{path} would hold {size / 2 ** 30:.1f} GiB of weights, over ONNX's "
+                          "2 GiB for one file: write a .pt2 instead")
     onnx_program = torch.onnx.export(program, (x,), dynamo=True, verbose=False)
     if importlib.util.find_spec("onnxruntime") is not None:
         got = torch.as_tensor(onnx_program(x)[0])
         if not torch.allclose(got, expected, rtol=1e-3, atol=1e-4):  # its own conv kernels
             raise ExportError(f"the ONNX model of {path} differs from the network by "
                               f"{float((got - expected).abs().max()):.3g}: please report the model")
-    write_atomic(path, onnx_program.save)
+    write_atomic(path, lambda tmp: onnx_program.save(tmp, external_data=False))
