@@ -311,14 +311,14 @@ def print_table(records: list[dict]) -> None:
 
 
 def run_one(benchmark: str, arch: str, method: str, tasks: list[Task], s: Settings,
-            sizes: tuple[int, int]) -> dict:
+            sizes: tuple) -> dict:
     build = models.builder(arch, *sizes)
     start = time.perf_counter()
     result = RUNNERS[method](build, tasks, s)
     result["seconds"] = time.perf_counter() - start
     result["acc"], result["bwt"] = summary(result["matrix"])
     result.update(benchmark=benchmark, arch=arch, method=method, settings=vars(s).copy(),
-                  vit_depth=sizes[0], mlp_hidden=sizes[1],
+                  vit_depth=sizes[0], mlp_hidden=sizes[1], mlp_dropout=list(sizes[2]),
                   torch=torch.__version__, hatconvert=hatconvert.__version__)
     print_result(arch, method, result, [t.name for t in tasks])
     return result
@@ -362,6 +362,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vit-depth", type=int, default=4)
     p.add_argument("--mlp-hidden", type=int, default=1000,
                    help="units per hidden layer of the MLP (the HAT paper's code uses 2000)")
+    p.add_argument("--mlp-dropout", type=float, nargs=2, default=(0.0, 0.0),
+                   metavar=("INPUT", "HIDDEN"),
+                   help="the MLP's dropout on the pixels and on each hidden layer (the HAT "
+                        "paper's code uses 0.2 0.5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("continual_results.json"))
     return p.parse_args(argv)
@@ -387,7 +391,8 @@ def main(argv=None) -> None:
         for arch in archs:
             for method in methods:
                 records.append(run_one(benchmark, arch, method, tasks, s,
-                                       (args.vit_depth, args.mlp_hidden)))
+                                       (args.vit_depth, args.mlp_hidden,
+                                        tuple(args.mlp_dropout))))
                 append_record(args.out, records[-1])
     print_table(records)
     print(f"\nrecords appended to {args.out}")

@@ -1,12 +1,15 @@
-"""What pruning buys: one task's pruned ``.pt2`` program against the same program unpruned.
+"""What pruning buys: one task's pruned ``.pt2`` program against the task's unpruned export.
 
 Each model is converted and trained on a few tasks of data this script makes (class templates
 plus noise, so a task is learnable in a few dozen steps) with HAT's sparsity penalty, one AdamW
-kept across tasks. For the last task, ``hatconvert.export(net, t, path, prune=True)`` and the
-same program with every unit kept (``pruned.export_program(..., prune=False)``: closed units
-zero) are compared side by side in one run: parameters, FLOPs (torch's FlopCounterMode) and CPU
-latency (median of ``--reps`` runs, alternating), each as pruned / unpruned, next to the
-fraction of gated units the task uses. The goal: latency ratio <= FLOPs ratio + 0.10.
+kept across tasks. For the last task, ``hatconvert.export(net, t, path, prune=True)`` is
+compared side by side in one run with the unpruned export: ``hatconvert.export(net, t)``'s
+weights loaded into the original timm model, run as a ``torch.export`` program too. Parameters,
+FLOPs (torch's FlopCounterMode) and CPU latency (median of ``--reps`` rounds, alternating) are
+given as pruned / unpruned, next to the fraction of gated units the task uses. The goal:
+latency ratio <= FLOPs ratio + 0.10. The pruned program also cuts convolution taps that read
+only padding (conv_taps.py); the last column times the unpruned export with the same cut, so
+that the units' share of the gain shows on its own.
 
     python benchmarks/pruned_export.py
     python benchmarks/pruned_export.py --models resnet18 --img-size 64 --c 2.0
@@ -23,7 +26,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import hatconvert
-from hatconvert.pruned import export_program
+from hatconvert.conv_taps import without_padding_taps
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from timing import interleaved_medians  # noqa: E402
@@ -42,12 +45,15 @@ def task_data(t: int, classes: int, n: int, img: int) -> tuple[torch.Tensor, tor
     return templates[y] + 0.8 * torch.randn(n, 3, img, img, generator=g), y
 
 
-def trained(name: str, args: argparse.Namespace) -> hatconvert.HATNetwork:
+def build(name: str, args: argparse.Namespace):
     import timm
     timm_name, kwargs = MODELS[name](args.img_size)
+    return timm.create_model(timm_name, num_classes=args.classes, **kwargs)
+
+
+def trained(name: str, args: argparse.Namespace) -> hatconvert.HATNetwork:
     torch.manual_seed(0)
-    net = hatconvert.convert(timm.create_model(timm_name, num_classes=args.classes, **kwargs),
-                             num_tasks=args.tasks, num_classes=args.classes)
+    net = hatconvert.convert(build(name, args), num_tasks=args.tasks, num_classes=args.classes)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.01)
     for t in range(args.tasks):
         x, y = task_data(t, args.classes, args.batch * args.steps, args.img_size)
@@ -55,6 +61,33 @@ def trained(name: str, args: argparse.Namespace) -> hatconvert.HATNetwork:
         hatconvert.train_task(net, t, loader, optimizer, epochs=args.epochs, c=args.c,
                               progress=False)
     return net.eval()
+
+
+def unpruned(net: hatconvert.HATNetwork, name: str, args: argparse.Namespace, x: torch.Tensor,
+             cut_taps: bool = False) -> torch.nn.Module:
+    """The task's plain export in the original model, as a ``torch.export`` program."""
+    model = build(name, args)
+    model.load_state_dict(hatconvert.export(net, args.tasks - 1))
+    model.eval()
+    if cut_taps:
+        cut_padding_taps(model, x)
+    return torch.export.export(model, (x,)).module()
+
+
+def cut_padding_taps(model: torch.nn.Module, x: torch.Tensor) -> None:
+    """Every convolution of ``model`` with the taps that read only padding cut, for ``x``."""
+    shapes, hooks = {}, []
+    for path, m in model.named_modules():
+        if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
+            hooks.append(m.register_forward_pre_hook(
+                lambda mod, a, path=path: shapes.setdefault(path, tuple(a[0].shape))))
+    model(x)
+    for h in hooks:
+        h.remove()
+    for path, shape in shapes.items():
+        owner, _, attr = path.rpartition(".")
+        parent = model.get_submodule(owner) if owner else model
+        setattr(parent, attr, without_padding_taps(getattr(parent, attr), shape))
 
 
 def flops(module, x) -> int:
@@ -66,24 +99,28 @@ def flops(module, x) -> int:
 def measure(name: str, args: argparse.Namespace) -> dict[str, float]:
     net = trained(name, args)
     with torch.no_grad():
-        return compare(net, args)
+        return compare(net, name, args)
 
 
-def compare(net: hatconvert.HATNetwork, args: argparse.Namespace) -> dict[str, float]:
+def compare(net: hatconvert.HATNetwork, name: str, args: argparse.Namespace
+            ) -> dict[str, float]:
     t = args.tasks - 1
+    x = torch.randn(args.eval_batch, 3, args.img_size, args.img_size)
     with tempfile.TemporaryDirectory() as tmp:
         hatconvert.export(net, t, f"{tmp}/pruned.pt2", prune=True)
         pruned = torch.export.load(f"{tmp}/pruned.pt2").module()
-    full = export_program(net, t, prune=False).module()
-    x = torch.randn(args.eval_batch, 3, args.img_size, args.img_size)
+    full, cut = unpruned(net, name, args, x), unpruned(net, name, args, x, cut_taps=True)
     masks = net.masks(t)
     used = float(sum(m.sum() for m in masks.values()) / sum(m.numel() for m in masks.values()))
     params = [sum(p.numel() for p in m.parameters()) for m in (pruned, full)]
     flop = [flops(m, x) for m in (pruned, full)]
-    lat = interleaved_medians({"pruned": lambda: pruned(x), "full": lambda: full(x)}, args.reps)
+    lat = interleaved_medians({"pruned": lambda: pruned(x), "full": lambda: full(x),
+                               "cut": lambda: cut(x)}, args.reps)
     assert torch.allclose(pruned(x), net(x, t), rtol=1e-4, atol=1e-4)
+    assert torch.allclose(full(x), net(x, t), rtol=1e-4, atol=1e-4)
     return {"units used": used, "params": params[0] / params[1], "flops": flop[0] / flop[1],
-            "latency": lat["pruned"] / lat["full"], "full ms": lat["full"] * 1e3}
+            "latency": lat["pruned"] / lat["full"], "full ms": lat["full"] * 1e3,
+            "vs cut": lat["pruned"] / lat["cut"], "cut ms": lat["cut"] * 1e3}
 
 
 def main(argv=None) -> None:
@@ -103,11 +140,12 @@ def main(argv=None) -> None:
           f"{args.img_size}px, c={args.c}; latency at batch {args.eval_batch}, "
           f"{torch.get_num_threads()} threads; ratios pruned / unpruned program of the last task")
     print(f"{'model':<15}{'units used':>11}{'params':>9}{'FLOPs':>8}{'latency':>9}"
-          f"{'unpruned ms':>13}")
+          f"{'unpruned ms':>13}{'vs taps cut':>13}{'cut ms':>8}")
     for name in args.models:
         r = measure(name, args)
         print(f"{name:<15}{r['units used']:11.3f}{r['params']:9.3f}{r['flops']:8.3f}"
-              f"{r['latency']:9.3f}{r['full ms']:13.1f}", flush=True)
+              f"{r['latency']:9.3f}{r['full ms']:13.1f}{r['vs cut']:13.3f}{r['cut ms']:8.1f}",
+              flush=True)
 
 
 if __name__ == "__main__":

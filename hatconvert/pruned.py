@@ -6,8 +6,10 @@ and gives each gated layer only the rows of the units ``t`` opens. Its output st
 acts per unit: activations, dropout, pooling, a flatten, a norm whose gate sits behind it, a
 sum of two tensors compact on the same units, and the next gated layer, which then takes only
 the matching input columns. Anything else gets the full tensor back, zeros in the closed
-units (``expand_units``): residual streams, concatenations, attention reshapes run as they
-were. The result is exact by construction: a closed unit is zero in the HAT network too.
+units (``expand_units``): residual streams, concatenations, LayerNorm run as they were.
+Attention runs packed where ``attention_plan`` allows it (pruned_attention.py), else on the
+heads with a value unit open (pruned_heads.py). The result is exact by construction: a closed
+unit is zero in the HAT network too, and a query unit whose key is closed adds zero.
 """
 
 from __future__ import annotations
@@ -25,10 +27,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .compact import Compact, expand_units
+from .conv_taps import without_padding_taps
 from .errors import ExportError
 from .gates import HATGate, apply_gate, closed_rows_zeroed, gated_layer, scale_rows
 from .layers import TaskIndexed, TaskParameter, gate_behind_norm, normalizes_each_unit
 from .leaves import ScopedLeaf
+from .attention_plan import plan_attention
+from .pruned_attention import Packed, PackedOps
 from .pruned_heads import HeadOps
 from .op_rules import (ELEMENTWISE_MODULES, STRUCTURAL_MODULES, is_elementwise,
                        writes_first_argument)
@@ -207,7 +212,7 @@ class _KeptUnits(HeadOps):
         return len(shape)
 
 
-class Pruner(_KeptUnits):
+class Pruner(_KeptUnits, PackedOps):
     """Builds the pruned graph of task ``t`` node by node (see the module docstring)."""
 
     def __init__(self, gm: fx.GraphModule, t: int, shapes: dict[fx.Node, tuple | None],
@@ -219,6 +224,7 @@ class Pruner(_KeptUnits):
         self.env: dict[fx.Node, Any] = {}
         self.masks: dict[fx.Node, torch.Tensor] = {}  # gate nodes: task t's bool mask
         self.consts: dict[fx.Node, torch.Tensor] = {}  # values known now (parameters, views)
+        self.set_plans(plan_attention(gm, _layer_masks(gm, t), shapes) if prune else [])
 
     # -- the new graph's pieces ----------------------------------------------------------------
     def attr(self, name: str, value: Any) -> fx.Node:
@@ -229,7 +235,11 @@ class Pruner(_KeptUnits):
 
     def full(self, value: Any) -> Any:
         """``value`` for an op that needs whole tensors: a compact one expanded with zeros."""
+        if isinstance(value, Packed):
+            return self.unpack(value)
         if isinstance(value, Compact):
+            if len(value.index) == value.size:  # every unit kept: the tensor is whole already
+                return value.node
             index = self.attr("kept", value.index)
             return self.graph.call_function(expand_units, (value.node, index, value.size,
                                                            value.dim))
@@ -280,6 +290,10 @@ class Pruner(_KeptUnits):
                                                      for a in n.args[1:]):
             self.consts[n] = getattr(self.consts[n.args[0]], n.target)(*n.args[1:])
 
+    def new_layer(self, layer: nn.Module, rows: torch.Tensor, cols: torch.Tensor | None
+                  ) -> nn.Module:
+        return _sliced(layer, rows, cols)
+
     def _module_name(self, path: str, module: nn.Module) -> str:
         key = f"{path.replace('.', '_')}_m{len(self.attrs)}"
         self.attrs[key] = module
@@ -305,10 +319,15 @@ class Pruner(_KeptUnits):
             return self.graph.output(self.full(self.arg(n.args[0])))
         if n.op == "get_attr":
             return self.attr(n.target, _attr(self.gm, n.target))
+        if n.op == "call_function" and n.target in (gated_layer, closed_rows_zeroed):
+            layer = self.gm.get_submodule(n.args[1].target)
+            if n in self.packed_layers:
+                return self.packed_layer(n, layer, self.arg(n.args[0]))
+            return self.gated(n, layer, self.masks[n.args[2]])
+        if self.takes_packed(n):
+            return self.packed_node(n)
         if n.op == "call_module":
             return self.module_call(n, self.gm.get_submodule(n.target))
-        if n.op == "call_function" and n.target in (gated_layer, closed_rows_zeroed):
-            return self.gated(n, self.gm.get_submodule(n.args[1].target), self.masks[n.args[2]])
         if n.op == "call_function" and n.target is apply_gate:
             return self.gate_output(n)
         if n.op == "call_function" and n.target is scale_rows:
@@ -337,17 +356,20 @@ class Pruner(_KeptUnits):
         rows = mask.nonzero().squeeze(1)
         dim = self._ndim(n) - 1 if isinstance(layer, nn.Linear) else 1
         kind = _layer_kind(layer) if self.prune and len(rows) else None
+        in_shape = self.shapes[n.args[0]]
         if kind is None:  # whole: no choice by batch size (export would guard on it)
             target = gated_layer if n.target is gated_layer else _zero_closed_outputs
+            whole = without_padding_taps(layer, in_shape)
             return self.graph.call_function(target, (self.full(x), self.attr(n.args[1].target,
-                                                     layer), self.attr("mask", mask)))
+                                                     whole), self.attr("mask", mask)))
         if kind == "depthwise":
             new, inp = self._depthwise(layer, rows, x)
         else:
-            in_dim = len(self.shapes[n.args[0]]) - 1 if isinstance(layer, nn.Linear) else 1
+            in_dim = len(in_shape) - 1 if isinstance(layer, nn.Linear) else 1
             cols = x.index if isinstance(x, Compact) and x.dim == in_dim and len(x.index) else None
             inp = x.node if cols is not None else self.full(x)
             new = _sliced(layer, rows, cols)
+        new = without_padding_taps(new, in_shape)
         out = self.graph.call_module(self._module_name(n.args[1].target, new), (inp,))
         return Compact(out, dim, rows, mask.numel())
 
@@ -392,6 +414,13 @@ class Pruner(_KeptUnits):
             module, kwargs = TaskIndexed(module, 1, [module]), {**kwargs, "task_id": 0}
         return self.graph.call_module(self._module_name(n.target, module),
                                       self.full(self.arg(n.args)), self.full(self.arg(kwargs)))
+
+
+def _layer_masks(gm: fx.GraphModule, t: int) -> dict[fx.Node, torch.Tensor]:
+    """Task ``t``'s open units of each gated layer node."""
+    return {n: (gm.get_submodule(n.args[2].target).embedding[t] > 0).detach()
+            for n in gm.graph.nodes
+            if n.op == "call_function" and n.target in (gated_layer, closed_rows_zeroed)}
 
 
 def _attr(gm: fx.GraphModule, target: str) -> Any:

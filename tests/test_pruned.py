@@ -198,9 +198,10 @@ HEAD_CASES = {  # (build, input shape, the gates of the projection split into he
 
 
 def attention_heads(program) -> list[int]:
-    """The head count of every attention the exported program runs."""
+    """The head count of every attention the exported program runs (fused, or written out as
+    a softmax over ``(batch, heads, queries, keys)`` scores)."""
     return [node.args[0].meta["val"].shape[1] for node in program.graph.nodes
-            if "scaled_dot_product" in str(node.target)]
+            if "scaled_dot_product" in str(node.target) or "softmax" in str(node.target)]
 
 
 def close_units(net, gate: str, units) -> None:
@@ -254,9 +255,58 @@ def test_closing_any_units_of_any_heads_keeps_the_pruned_attention_exact(closed,
             getattr(net.model.hat_gates, gate).embedding[1] = 1.0
     for gate, head, part in closed:
         close_units(net, gate, range(8 * head, 8 * head + (8 if part == "all" else 4)))
-    value_open = net.masks(1)["value"].reshape(4, 8).any(1)
+    masks = {gate: net.masks(1)[gate].bool().reshape(4, 8) for gate in ("query", "key", "value")}
+    value_open = masks["value"].any(1)
     program = export_program(net, 1)
     assert attention_heads(program) == [int(value_open.sum()) or 4]  # none open: left whole
+    if value_open.any():  # each kept head: the query/key dims where both are open, padded
+        both = (masks["query"] & masks["key"])[value_open]
+        expected = {"query": max(1, int(both.sum(1).max())), "key": max(1, int(both.sum(1).max())),
+                    "value": int(masks["value"][value_open].sum(1).max())}
+        assert projection_rows(program) == {g: w * int(value_open.sum())
+                                            for g, w in expected.items()}
+    x2 = torch.randn(3, 5, 6)
+    with torch.no_grad():
+        assert torch.allclose(program.module()(x2), net(x2, 1), rtol=1e-4, atol=1e-5)
+
+
+def projection_rows(program) -> dict[str, int]:
+    """Output rows of the program's query, key and value layers."""
+    return {name.split("_m")[0]: w.shape[0] for name, w in program.module().state_dict().items()
+            if name.split("_m")[0] in ("query", "key", "value") and name.endswith("weight")}
+
+
+class PooledAttention(SeparateProjections):
+    """Attention whose output is pooled over tokens per head before the merge, and whose query
+    also feeds the residual stream: the first must be unpacked, the second left unpacked."""
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        h = self.embed(x)
+        q, k, v = (p(h).view(b, n, self.heads, -1).transpose(1, 2)
+                   for p in (self.query, self.key, self.value))
+        pooled = F.scaled_dot_product_attention(q, k, v).mean(2).flatten(1)  # (b, heads * d)
+        q2, k2, v2 = (p(h).view(b, n, self.heads, -1).transpose(1, 2)
+                      for p in (self.out, self.key, self.value))
+        mixed = F.scaled_dot_product_attention(q2, k2, v2).transpose(1, 2).reshape(b, n, -1)
+        return self.head(pooled + (mixed + q2.transpose(1, 2).reshape(b, n, -1)).mean(1))
+
+
+def test_packed_attention_is_exact_where_its_output_or_query_is_read_otherwise():
+    torch.manual_seed(0)
+    net = hatconvert.convert(PooledAttention(), num_tasks=2, num_classes=3).eval()
+    x = torch.randn(4, 5, 6)
+    with torch.no_grad():
+        net(x, 0)
+        for gate in ("query", "key", "value", "out"):
+            getattr(net.model.hat_gates, gate).embedding[1] = 1.0
+    for gate, units in (("query", range(0, 20)), ("key", range(4, 30)), ("value", [3, 9, 17]),
+                        ("out", range(8, 12))):
+        close_units(net, gate, units)
+    program = export_program(net, 1)
+    # the first attention packs: query/key keep dims both open, the value its open dims
+    assert projection_rows(program)["query"] < 32 and projection_rows(program)["value"] < 32
+    assert attention_heads(program) == [4, 4]
     x2 = torch.randn(3, 5, 6)
     with torch.no_grad():
         assert torch.allclose(program.module()(x2), net(x2, 1), rtol=1e-4, atol=1e-5)
