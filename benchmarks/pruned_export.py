@@ -77,10 +77,14 @@ def unpruned(net: hatconvert.HATNetwork, name: str, args: argparse.Namespace, x:
 def cut_padding_taps(model: torch.nn.Module, x: torch.Tensor) -> None:
     """Every convolution of ``model`` with the taps that read only padding cut, for ``x``."""
     shapes, hooks = {}, []
+
+    def record(path: str, args: tuple) -> None:
+        shapes.setdefault(path, tuple(args[0].shape))
+
     for path, m in model.named_modules():
         if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
             hooks.append(m.register_forward_pre_hook(
-                lambda mod, a, path=path: shapes.setdefault(path, tuple(a[0].shape))))
+                lambda mod, args, path=path: record(path, args)))
     model(x)
     for h in hooks:
         h.remove()
@@ -113,14 +117,15 @@ def compare(net: hatconvert.HATNetwork, name: str, args: argparse.Namespace
     masks = net.masks(t)
     used = float(sum(m.sum() for m in masks.values()) / sum(m.numel() for m in masks.values()))
     params = [sum(p.numel() for p in m.parameters()) for m in (pruned, full)]
-    flop = [flops(m, x) for m in (pruned, full)]
+    flop = [flops(m, x) for m in (pruned, full, cut)]
     lat = interleaved_medians({"pruned": lambda: pruned(x), "full": lambda: full(x),
                                "cut": lambda: cut(x)}, args.reps)
     assert torch.allclose(pruned(x), net(x, t), rtol=1e-4, atol=1e-4)
     assert torch.allclose(full(x), net(x, t), rtol=1e-4, atol=1e-4)
     return {"units used": used, "params": params[0] / params[1], "flops": flop[0] / flop[1],
             "latency": lat["pruned"] / lat["full"], "full ms": lat["full"] * 1e3,
-            "vs cut": lat["pruned"] / lat["cut"], "cut ms": lat["cut"] * 1e3}
+            "vs cut": lat["pruned"] / lat["cut"], "cut ms": lat["cut"] * 1e3,
+            "flops vs cut": flop[0] / flop[2]}
 
 
 def main(argv=None) -> None:
@@ -140,11 +145,12 @@ def main(argv=None) -> None:
           f"{args.img_size}px, c={args.c}; latency at batch {args.eval_batch}, "
           f"{torch.get_num_threads()} threads; ratios pruned / unpruned program of the last task")
     print(f"{'model':<15}{'units used':>11}{'params':>9}{'FLOPs':>8}{'latency':>9}"
-          f"{'unpruned ms':>13}{'vs taps cut':>13}{'cut ms':>8}")
+          f"{'unpruned ms':>13}{'| vs taps cut: FLOPs':>21}{'latency':>9}{'ms':>7}")
     for name in args.models:
         r = measure(name, args)
         print(f"{name:<15}{r['units used']:11.3f}{r['params']:9.3f}{r['flops']:8.3f}"
-              f"{r['latency']:9.3f}{r['full ms']:13.1f}{r['vs cut']:13.3f}{r['cut ms']:8.1f}",
+              f"{r['latency']:9.3f}{r['full ms']:13.1f}{r['flops vs cut']:21.3f}"
+              f"{r['vs cut']:9.3f}{r['cut ms']:7.1f}",
               flush=True)
 
 

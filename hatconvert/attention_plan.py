@@ -170,7 +170,7 @@ def _from_split(gm: fx.GraphModule, split: fx.Node, moves: list[fx.Node], path: 
     layer = split.args[0]
     before, after = shapes.get(layer), shapes.get(split)
     if not isinstance(layer, fx.Node) or layer.target not in (gated_layer, closed_rows_zeroed) \
-            or not isinstance(gm.get_submodule(layer.args[1].target), nn.Linear) \
+            or type(gm.get_submodule(layer.args[1].target)) is not nn.Linear \
             or before is None or after is None or len(after) - len(before) not in (1, 2) \
             or tuple(after[:len(before) - 1]) != tuple(before[:-1]) \
             or math.prod(after[len(before) - 1:]) != before[-1]:

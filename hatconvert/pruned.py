@@ -368,7 +368,11 @@ class Pruner(_KeptUnits, PackedOps):
             in_dim = len(in_shape) - 1 if isinstance(layer, nn.Linear) else 1
             cols = x.index if isinstance(x, Compact) and x.dim == in_dim and len(x.index) else None
             inp = x.node if cols is not None else self.full(x)
+            if isinstance(layer, nn.Linear):
+                rows = _padded_rows(rows, mask)
             new = _sliced(layer, rows, cols)
+            if isinstance(layer, nn.Linear):
+                _zero_rows(new, ~mask[rows])
         new = without_padding_taps(new, in_shape)
         out = self.graph.call_module(self._module_name(n.args[1].target, new), (inp,))
         return Compact(out, dim, rows, mask.numel())
@@ -460,6 +464,26 @@ def _layer_kind(layer: nn.Module) -> str | None:
         if layer.groups == layer.in_channels == layer.out_channels:
             return "depthwise"
     return None
+
+
+_ROW_MULTIPLE = 16  # oneDNN's GEMM runs 240 rows faster than 231 (3.6 against 5.1 ms)
+
+
+def _padded_rows(rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``rows`` and the first closed units after them up to a multiple of ``_ROW_MULTIPLE``:
+    zero rows that cost less than the odd size saves (closed units are zero anyway)."""
+    extra = -len(rows) % _ROW_MULTIPLE
+    if extra == 0 or len(rows) + extra > mask.numel():
+        return rows
+    closed = (~mask).nonzero().squeeze(1)[:extra]
+    return torch.cat([rows, closed]).sort().values
+
+
+def _zero_rows(layer: nn.Module, which: torch.Tensor) -> None:
+    with torch.no_grad():
+        layer.weight[which] = 0
+        if layer.bias is not None:
+            layer.bias[which] = 0
 
 
 def _sliced(layer: nn.Module, rows: torch.Tensor, cols: torch.Tensor | None,
