@@ -106,7 +106,8 @@ class PackedOps:
         """Whether ``n`` is on a packed attention's path or reads a packed tensor."""
         if n in self.packed_path:
             return True
-        return any(isinstance(v, (Packed, Grouped, Rows)) for v in _values(self.arg(n.args)))
+        return any(isinstance(v, (Packed, Grouped, Rows))
+                   for a in n.all_input_nodes for v in _values(self.env.get(a)))
 
     def packed_layer(self, n: fx.Node, layer: nn.Module, x: Any) -> Rows:
         """A planned q, k, v (or fused qkv) layer: per group, its packed rows."""
