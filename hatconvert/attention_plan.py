@@ -23,8 +23,8 @@ from torch import nn
 
 from .gates import closed_rows_zeroed, gated_layer
 
-__all__ = ["Part", "AttentionPlan", "plan_attention", "is_op", "permutation", "MOVES", "UNBINDS",
-           "RESHAPES"]
+__all__ = ["Part", "AttentionPlan", "plan_attention", "is_op", "permutation", "reshape_sizes",
+           "MOVES", "UNBINDS", "RESHAPES"]
 
 MOVES = ("permute", "transpose", torch.permute, torch.transpose)
 UNBINDS = ("unbind", torch.unbind)
@@ -90,12 +90,12 @@ def _plan(gm: fx.GraphModule, sdpa: fx.Node, masks: dict[fx.Node, torch.Tensor],
     if len(layouts) != 1:
         return None
     heads, head_dim, _ = layouts.pop()
+    if len({(t[0], t[1]) for t in traced}) != 3:
+        return None  # one tensor as two of q, k, v
     path = set().union(*(t[5] for t in traced))
     if any(u not in path and u is not sdpa for p in path for u in p.users):
         return None  # something else reads q, k or v: their values must stay as they are
     opened = [masks[t[0]].reshape(-1, heads, head_dim)[t[1] or 0] for t in traced]
-    if len({(t[0], t[1]) for t in traced}) != 3:
-        return None
     live_qk, live_v = opened[0] & opened[1], opened[2]
     kept = live_v.any(1).nonzero().squeeze(1)
     if len(kept) == 0:
@@ -175,9 +175,7 @@ def _from_split(gm: fx.GraphModule, split: fx.Node, moves: list[fx.Node], path: 
             or tuple(after[:len(before) - 1]) != tuple(before[:-1]) \
             or math.prod(after[len(before) - 1:]) != before[-1]:
         return None
-    sizes = split.args[1:]
-    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
-        sizes = sizes[0]
+    sizes = reshape_sizes(split)
     if len(sizes) != len(after) or not all(isinstance(s, int) and (s > 0 or s == -1)
                                           for s in sizes[len(before) - 1:]):
         return None  # the heads and their dims given as numbers (the packed ones replace them)
@@ -203,6 +201,14 @@ def _from_split(gm: fx.GraphModule, split: fx.Node, moves: list[fx.Node], path: 
             len(origin) < 4 or origin[-3] != len(after) - 2:
         return None  # the head dim last, the heads where attention batches them
     return layer, group, after[-2], after[-1], len(origin) - 3, path + [split, layer]
+
+
+def reshape_sizes(n: fx.Node) -> list[Any]:
+    """The sizes a ``reshape``/``view`` asks for, given one by one or as one sequence."""
+    sizes = list(n.args[1:] if n.op == "call_method" else n.args[1:2])
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+        sizes = list(sizes[0])
+    return sizes
 
 
 def permutation(n: fx.Node, ndim: int) -> list[int] | None:

@@ -290,9 +290,26 @@ class Pruner(_KeptUnits, PackedOps):
                                                      for a in n.args[1:]):
             self.consts[n] = getattr(self.consts[n.args[0]], n.target)(*n.args[1:])
 
-    def new_layer(self, layer: nn.Module, rows: torch.Tensor, cols: torch.Tensor | None
-                  ) -> nn.Module:
-        return _sliced(layer, rows, cols)
+    def new_layer(self, layer: nn.Module, rows: torch.Tensor, cols: torch.Tensor | None,
+                  zero: torch.Tensor | None = None) -> nn.Module:
+        """``layer`` with output units ``rows`` and input features ``cols``; the rows where
+        ``zero`` is True put out exact zeros (kept only for a tensor's shape)."""
+        new = _sliced(layer, rows, cols)
+        if zero is not None and bool(zero.any()):
+            with torch.no_grad():
+                new.weight[zero] = 0
+                if new.bias is not None:
+                    new.bias[zero] = 0
+        return new
+
+    def layer_input(self, n: fx.Node, layer: nn.Module, x: Any
+                    ) -> tuple[fx.Node, torch.Tensor | None]:
+        """What gated layer ``n`` reads: a compact input as it is with the columns of its kept
+        units, anything else whole (columns None)."""
+        in_dim = len(self.shapes[n.args[0]]) - 1 if isinstance(layer, nn.Linear) else 1
+        if isinstance(x, Compact) and x.dim == in_dim and len(x.index):
+            return x.node, x.index
+        return self.full(x), None
 
     def _module_name(self, path: str, module: nn.Module) -> str:
         key = f"{path.replace('.', '_')}_m{len(self.attrs)}"
@@ -365,14 +382,10 @@ class Pruner(_KeptUnits, PackedOps):
         if kind == "depthwise":
             new, inp = self._depthwise(layer, rows, x)
         else:
-            in_dim = len(in_shape) - 1 if isinstance(layer, nn.Linear) else 1
-            cols = x.index if isinstance(x, Compact) and x.dim == in_dim and len(x.index) else None
-            inp = x.node if cols is not None else self.full(x)
+            inp, cols = self.layer_input(n, layer, x)
             if isinstance(layer, nn.Linear):
                 rows = _padded_rows(rows, mask)
-            new = _sliced(layer, rows, cols)
-            if isinstance(layer, nn.Linear):
-                _zero_rows(new, ~mask[rows])
+            new = self.new_layer(layer, rows, cols, zero=~mask[rows])
         new = without_padding_taps(new, in_shape)
         out = self.graph.call_module(self._module_name(n.args[1].target, new), (inp,))
         return Compact(out, dim, rows, mask.numel())
@@ -477,13 +490,6 @@ def _padded_rows(rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return rows
     closed = (~mask).nonzero().squeeze(1)[:extra]
     return torch.cat([rows, closed]).sort().values
-
-
-def _zero_rows(layer: nn.Module, which: torch.Tensor) -> None:
-    with torch.no_grad():
-        layer.weight[which] = 0
-        if layer.bias is not None:
-            layer.bias[which] = 0
 
 
 def _sliced(layer: nn.Module, rows: torch.Tensor, cols: torch.Tensor | None,

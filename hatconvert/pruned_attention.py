@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention_plan import (MOVES, RESHAPES, UNBINDS, AttentionPlan, Part, is_op,
-                             permutation)
+                             permutation, reshape_sizes)
 from .compact import Compact
+from .errors import ExportError
 
 __all__ = ["PackedOps", "unpack_heads", "attend"]
 
@@ -111,16 +112,11 @@ class PackedOps:
 
     def packed_layer(self, n: fx.Node, layer: nn.Module, x: Any) -> Rows:
         """A planned q, k, v (or fused qkv) layer: per group, its packed rows."""
-        cols = x.index if isinstance(x, Compact) and x.dim == len(self.shapes[n.args[0]]) - 1 \
-            and len(x.index) else None
-        inp = x.node if cols is not None else self.full(x)
+        inp, cols = self.layer_input(n, layer, x)
         nodes, parts = {}, self.packed_layers[n]
         for group, part in sorted(parts.items(), key=lambda kv: kv[0] or 0):
-            new = self.new_layer(layer, part.rows(), cols)
-            with torch.no_grad():  # a dim kept only for the width is a zero row
-                new.weight[~part.live.flatten()] = 0
-                if new.bias is not None:
-                    new.bias[~part.live.flatten()] = 0
+            # a dim kept only to give every head as many is a zero row
+            new = self.new_layer(layer, part.rows(), cols, zero=~part.live.flatten())
             nodes[group] = self.graph.call_module(self._module_name(n.args[1].target, new),
                                                   (inp,))
         return Rows(nodes, parts)
@@ -156,7 +152,8 @@ class PackedOps:
             if merged is not None:
                 return merged
         if any(isinstance(v, (Grouped, Rows)) for v in _values(args)):
-            raise AssertionError(f"packed attention lost at graph node '{n.name}'")
+            raise ExportError(f"graph node '{n.name}' reads a packed attention input it cannot "
+                              "take: please report the model")
         return self.copy_node(n)
 
     def unpack(self, p: Packed) -> fx.Node:
@@ -166,9 +163,7 @@ class PackedOps:
 
     def _packed_split(self, n: fx.Node, rows: Rows) -> Any:
         before = self.shapes[n.args[0]]
-        sizes = n.args[1:]
-        if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
-            sizes = sizes[0]
+        sizes = reshape_sizes(n)
         lead = [self.arg(s) for s in sizes[:len(before) - 1]]
         packed = {}
         for group, node in rows.nodes.items():
@@ -214,9 +209,7 @@ class PackedOps:
     def _packed_merged(self, n: fx.Node, p: Packed) -> Compact | None:
         """``(..., heads, dims)`` merged into ``heads * head_dim`` units: the value's kept."""
         before, after = self.shapes.get(n.args[0]), self.shapes.get(n)
-        sizes = n.args[1:]
-        if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
-            sizes = sizes[0]
+        sizes = reshape_sizes(n)
         width = p.part.heads * p.part.head_dim
         if before is None or after is None or p.head_pos != p.ndim - 2 or \
                 tuple(after) != tuple(before[:-2]) + (width,) or len(sizes) != len(after) or \

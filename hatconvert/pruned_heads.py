@@ -19,6 +19,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from .attention_plan import reshape_sizes
 from .compact import Compact, expand_units
 
 __all__ = ["HeadOps"]
@@ -55,16 +56,10 @@ class HeadOps:
         return None
 
     # -- reshapes -------------------------------------------------------------------------------
-    def _new_shape(self, n: fx.Node) -> list[Any]:
-        sizes = list(n.args[1:] if n.op == "call_method" else n.args[1:2])
-        if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
-            sizes = list(sizes[0])
-        return sizes
-
     def _split_heads(self, n: fx.Node, c: Compact) -> Compact | None:
         """Units ``(..., h, d)`` of the last dim split into heads: only heads with a unit open."""
         before, after = self.shapes.get(n.args[0]), self.shapes.get(n)
-        sizes = self._new_shape(n)
+        sizes = reshape_sizes(n)
         if before is None or after is None or c.dim != len(before) - 1 or \
                 len(after) < len(before) + 1 or tuple(after[:c.dim]) != tuple(before[:c.dim]) or \
                 math.prod(after[c.dim:]) != c.size or len(sizes) != len(after) or \
@@ -89,7 +84,7 @@ class HeadOps:
     def _merge_heads(self, n: fx.Node, c: Compact) -> Compact | None:
         """``(..., H, D)`` merged into ``H * D`` units: the kept heads' units."""
         before, after = self.shapes.get(n.args[0]), self.shapes.get(n)
-        sizes = self._new_shape(n)
+        sizes = reshape_sizes(n)
         if before is None or after is None or c.dim != len(before) - 2 or \
                 len(after) != len(before) - 1 or tuple(after[:-1]) != tuple(before[:-2]) or \
                 after[-1] != c.size * before[-1] or len(sizes) != len(after) or \
