@@ -118,8 +118,10 @@ def compare(net: hatconvert.HATNetwork, name: str, args: argparse.Namespace
     used = float(sum(m.sum() for m in masks.values()) / sum(m.numel() for m in masks.values()))
     params = [sum(p.numel() for p in m.parameters()) for m in (pruned, full)]
     flop = [flops(m, x) for m in (pruned, full, cut)]
-    lat = interleaved_medians({"pruned": lambda: pruned(x), "full": lambda: full(x),
-                               "cut": lambda: cut(x)}, args.reps)
+    runs = {"pruned": pruned, "full": full, "cut": cut}
+    if args.compile:  # inductor, as AOTInductor would build each program for deployment
+        runs = {k: torch.compile(m, dynamic=False) for k, m in runs.items()}
+    lat = interleaved_medians({k: lambda m=m: m(x) for k, m in runs.items()}, args.reps)
     assert torch.allclose(pruned(x), net(x, t), rtol=1e-4, atol=1e-4)
     assert torch.allclose(full(x), net(x, t), rtol=1e-4, atol=1e-4)
     return {"units used": used, "params": params[0] / params[1], "flops": flop[0] / flop[1],
@@ -140,10 +142,12 @@ def main(argv=None) -> None:
     p.add_argument("--c", type=float, default=0.75, help="the sparsity penalty's weight")
     p.add_argument("--eval-batch", type=int, default=32)
     p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--compile", action="store_true",
+                   help="time the programs compiled by torch.compile (inductor) instead of eager")
     args = p.parse_args(argv)
     print(f"{args.tasks} tasks of {args.steps * args.batch} samples x {args.epochs} epochs, "
           f"{args.img_size}px, c={args.c}; latency at batch {args.eval_batch}, "
-          f"{torch.get_num_threads()} threads; ratios pruned / unpruned program of the last task")
+          f"{torch.get_num_threads()} threads{', compiled' if args.compile else ''}; ratios pruned / unpruned program of the last task")
     print(f"{'model':<15}{'units used':>11}{'params':>9}{'FLOPs':>8}{'latency':>9}"
           f"{'unpruned ms':>13}{'| vs taps cut: FLOPs':>21}{'latency':>9}{'ms':>7}")
     for name in args.models:
