@@ -145,9 +145,11 @@ def main(argv=None) -> None:
     p.add_argument("--compile", action="store_true",
                    help="time the programs compiled by torch.compile (inductor) instead of eager")
     args = p.parse_args(argv)
+    mode = "compiled" if args.compile else "eager"
     print(f"{args.tasks} tasks of {args.steps * args.batch} samples x {args.epochs} epochs, "
           f"{args.img_size}px, c={args.c}; latency at batch {args.eval_batch}, "
-          f"{torch.get_num_threads()} threads{', compiled' if args.compile else ''}; ratios pruned / unpruned program of the last task")
+          f"{torch.get_num_threads()} threads, {mode}; ratios pruned / unpruned program of the "
+          "last task")
     print(f"{'model':<15}{'units used':>11}{'params':>9}{'FLOPs':>8}{'latency':>9}"
           f"{'unpruned ms':>13}{'| vs taps cut: FLOPs':>21}{'latency':>9}{'ms':>7}")
     for name in args.models:
