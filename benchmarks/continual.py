@@ -174,6 +174,7 @@ class Settings:
     keep_open: float
     lr_schedule: str = "constant"
     reg_mode: str = "original"
+    reinit_free: bool = False
 
 
 def adamw(params, s: Settings) -> torch.optim.Optimizer:
@@ -201,7 +202,7 @@ def run_hat(build, tasks: list[Task], s: Settings) -> dict:
         batches = loader(task, s.batch_size, s.seed + t)
         hatconvert.train_task(net, t, batches, optimizer, epochs=s.epochs, s_max=s.s_max, c=s.c,
                               schedule=s.schedule, hard_from=s.hard_from, keep_open=s.keep_open,
-                              reg_mode=s.reg_mode,
+                              reg_mode=s.reg_mode, reinit_free=s.reinit_free,
                               scheduler=lr_scheduler(optimizer, s, s.epochs * len(batches)),
                               progress=False)
         net.eval()
@@ -359,6 +360,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="begin_task's hard_from (a fraction of s_max, or none)")
     p.add_argument("--keep-open", type=float, default=KEEP_OPEN,
                    help="the penalty's floor: share of each layer's units kept open (0: off)")
+    p.add_argument("--reinit-free", action="store_true",
+                   help="begin_task's reinit_free: draw the units no trained task uses again")
     p.add_argument("--vit-depth", type=int, default=4)
     p.add_argument("--mlp-hidden", type=int, default=1000,
                    help="units per hidden layer of the MLP (the HAT paper's code uses 2000)")
@@ -380,7 +383,7 @@ def main(argv=None) -> None:
     mask_init = args.mask_init or ConversionOptions.default("mask_init")
     s = Settings(epochs, args.batch_size, args.lr, args.weight_decay, args.seed, args.s_max,
                  args.c, args.schedule, mask_init, args.hard_from, args.keep_open,
-                 args.lr_schedule, args.reg_mode)
+                 args.lr_schedule, args.reg_mode, args.reinit_free)
     plan = QUICK.items() if quick else [(b, args.arch) for b in args.benchmark]
     methods = args.methods or (["hat", "separate"] if quick else list(METHODS))
     records = []

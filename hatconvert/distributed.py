@@ -8,6 +8,9 @@ act on each rank before and after that, the same on every rank. Three things nee
   would stop reducing a parameter that a later task uses: both are refused here by name;
 * ``begin_task`` draws the task's embeddings from each rank's own generator: the first
   training forward of a task broadcasts them from rank 0, so ranks seeded apart agree;
+* ``begin_task(reinit_free=True)`` draws the free units from each rank's generator too: the
+  same forward broadcasts the gated weights from rank 0 (the entries trained tasks use are
+  equal on every rank already);
 * norm statistics are each rank's own (DDP copies rank 0's buffers before every forward):
   ``end_task`` averages the task's statistics over the ranks.
 
@@ -26,6 +29,7 @@ import torch
 from torch import nn
 
 from .errors import DistributedError
+from .protection import shared_weights
 
 if TYPE_CHECKING:
     from .network import HATNetwork
@@ -77,6 +81,10 @@ def on_training_forward(net: "HATNetwork", t: int) -> None:
             row = gate.embedding.data[t].clone()
             torch.distributed.broadcast(row, src=_rank0(ddp), group=ddp.process_group)
             gate.embedding.data[t].copy_(row)
+        if net._redrawn:
+            for tensor in shared_weights(net).values():
+                torch.distributed.broadcast(tensor.data, src=_rank0(ddp), group=ddp.process_group)
+            net._redrawn = False
 
 
 def _rank0(ddp: nn.Module) -> int:

@@ -18,6 +18,7 @@ from .options import MASK_INITS, check_choice, check_s_max
 from .distributed import on_end_task, refuse_sharded
 from .protected import ADJUSTMENTS
 from .protection import arm_task
+from .reinit import redraw_free_units
 
 __all__ = ['TaskLifecycle', 'check_begin_options']
 
@@ -27,7 +28,7 @@ class TaskLifecycle:
 
     def begin_task(self, task_id: int, *, mask_init: str | None = None, adjustment: str = "hat",
                    alpha: float | None = None, s_max: float = 400.0, retrain: bool = False,
-                   hard_from: float | None = 0.5) -> None:
+                   hard_from: float | None = 0.5, reinit_free: bool = False) -> None:
         """Start training ``task_id``: initialise its embeddings and protect every trained task.
 
         ``mask_init``: ``normal``, ``small_normal``, ``uniform``, ``U01``, ``U-10``, ``last``
@@ -38,6 +39,9 @@ class TaskLifecycle:
         ``hard_from``: from ``hard_from * s_max`` on, training forwards apply the exact 0/1
         masks inference applies, with the soft gates' gradient (``gates.straight_through``);
         ``None`` keeps soft gates at every scale (the paper's).
+        ``reinit_free``: draw the weights of every unit no trained task uses again, with its
+        layer's ``reset_parameters()`` (reinit.py): for networks trained from random
+        initialisation, where earlier tasks' soft phases leave the free units drifted.
         """
         t = self.check_task_id(task_id)
         if self.active_task is not None:
@@ -48,12 +52,15 @@ class TaskLifecycle:
                             "it again and replaces what it learned")
         mode = mask_init or self.options.mask_init
         check_begin_options(mode, adjustment, alpha, s_max, hard_from)
+        if not isinstance(reinit_free, bool):
+            raise OptionError(f"reinit_free must be True or False, got {reinit_free!r}")
         gates = self.gates()
         refuse_sharded(self)
         self._task_start = {path: gate.embedding[t].detach().clone()
                             for path, gate in gates.items()}
         self._task_trained_on = False
         self._distributed_task = self._sharding_checked = None  # forwards look for a DDP again
+        self._redrawn = False
         try:
             for gate in gates.values():
                 previous = gate.embedding[t - 1].detach() if t > 0 else None
@@ -64,9 +71,18 @@ class TaskLifecycle:
             self._needs_arming = True
             if self.has_example():
                 self._arm_or_abort()
+            if reinit_free:
+                self._reinit_free(t)
         except BaseException:
             self.abort_task()
             raise
+
+    def _reinit_free(self, t: int) -> None:
+        """Redraw the free units; the guard then puts back anything a trained task holds."""
+        redraw_free_units(self, self.trained_tasks(excluding=t))
+        if self._guard is not None:
+            self._guard.restore()
+        self._redrawn = True  # under DDP the first training forward gives all ranks rank 0's
 
     def abort_task(self) -> None:
         """Abandon the active task: its embeddings go back to what they were before

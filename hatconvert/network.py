@@ -65,6 +65,7 @@ class HATNetwork(TaskLifecycle, CallRouting, nn.Module):
         self._distributed_task: int | None = None  # the task whose DDP wrapper was checked
         self._sharding_checked: int | None = None  # the task whose parameters were checked
         self._ddp: Any = None  # a weak reference to the DDP training the active task
+        self._redrawn = False  # begin_task(reinit_free=True) drew this rank's free units
         watch(self)
 
     # -- copies and pickling ---------------------------------------------------------------
@@ -83,6 +84,7 @@ class HATNetwork(TaskLifecycle, CallRouting, nn.Module):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_mixed", MixedRunner())
+        self.__dict__.setdefault("_redrawn", False)
         for name in ("_ddp", "_distributed_task", "_sharding_checked"):  # older pickles
             self.__dict__.setdefault(name, None)
         watch(self)

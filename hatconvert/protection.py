@@ -175,7 +175,8 @@ def protect_gated(net: "HATNetwork", guard: Guard, gates: dict[str, "HATGate"],
     for path in net.layout.gated:
         layer = net.model.get_submodule(path)
         protect_w, protect_b = protection_of(layer, out[path], inputs[path])
-        for param, protect in ((layer.weight, protect_w), (layer.bias, protect_b)):
+        bias = getattr(layer, "bias", None)  # a registered layer may have none
+        for param, protect in ((layer.weight, protect_w), (bias, protect_b)):
             if protect is None or not protect.any():
                 continue
             if param.requires_grad:  # a frozen parameter gets no gradient to scale

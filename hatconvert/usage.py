@@ -30,7 +30,8 @@ def gated_sizes(net: "HATNetwork") -> dict[str, int]:
     sizes = {}
     for path in net.layout.gated:
         layer = net.model.get_submodule(path)
-        sizes[path] = layer.weight.numel() + (0 if layer.bias is None else layer.bias.numel())
+        bias = getattr(layer, "bias", None)  # a registered layer may have none
+        sizes[path] = layer.weight.numel() + (0 if bias is None else bias.numel())
     return sizes
 
 
@@ -47,9 +48,9 @@ def layer_capacity(net: "HATNetwork", tasks: list[int]) -> dict[str, float]:
         layer = net.model.get_submodule(path)
         protect_w, protect_b = weight_protection(layer, out[path], inputs[path])
         used = layer.weight.numel() if _frozen_weight(layer) else protect_w.sum()
-        if layer.bias is not None:
-            used = used + (layer.bias.numel() if not layer.bias.requires_grad
-                           else protect_b.sum())
+        bias = getattr(layer, "bias", None)
+        if bias is not None:
+            used = used + (bias.numel() if not bias.requires_grad else protect_b.sum())
         result[path] = 1.0 - float(used) / sizes[path]
     return result
 

@@ -8,13 +8,14 @@ import torch.nn.functional as F
 import hatconvert
 
 
-def train(net, optimizer, task, x, y, steps=4, forward=None):
+def train(net, optimizer, task, x, y, steps=4, forward=None, **begin_options):
     """``steps`` batches of ``(x, y)`` for ``task`` between begin_task and end_task, then the
     statistics pass (every test that trains this way checks that it moves no earlier task).
-    ``forward``: what runs the batch (default ``net``; ``torch.compile(net)``, say)."""
+    ``forward``: what runs the batch (default ``net``; ``torch.compile(net)``, say);
+    ``begin_options`` go to ``begin_task``."""
     forward = net if forward is None else forward
     net.train()
-    net.begin_task(task)
+    net.begin_task(task, **begin_options)
     for b in range(steps):
         s = hatconvert.mask_scale(b, steps)
         loss = F.cross_entropy(forward(x, task, s), y) + net.regularization(task, s)

@@ -1,7 +1,7 @@
 """DistributedDataParallel: two gloo ranks on CPU train three tasks with one AdamW per rank.
 
 Each rank is seeded apart (as users seed data augmentation) and sees its own half of every
-batch. After every task, every earlier task's eval output is bit-identical on both ranks,
+batch; the CNN's tasks begin with ``reinit_free`` (free units drawn per rank, then rank 0's). After every task, every earlier task's eval output is bit-identical on both ranks,
 parameters and buffers are equal across ranks, and the result matches one process training on
 the whole batch (the gradient hooks and the compensation acted once per step, not per rank).
 Wrappers set up so that ranks could drift (no ``find_unused_parameters``, ``static_graph``)
@@ -46,13 +46,13 @@ def _data(shape, classes):
     return xs, ys, torch.randn(4, *shape, generator=g)
 
 
-def _train(net, forward, xs, ys, probe, part, via_module=None):
+def _train(net, forward, xs, ys, probe, part, via_module=None, **begin_options):
     """Three tasks; returns the eval outputs at each task's end and checks them after each."""
     opt = torch.optim.AdamW(net.parameters(), lr=0.01, weight_decay=0.05)
     ends = {}
     for t in range(TASKS):
         net.train()
-        (via_module if via_module is not None and t % 2 else net).begin_task(t)
+        (via_module if via_module is not None and t % 2 else net).begin_task(t, **begin_options)
         x, y = xs[t][part], ys[t][part]
         for b in range(STEPS):
             s = hatconvert.mask_scale(b, STEPS)
@@ -92,7 +92,8 @@ def _rank(rank, port):
         net = hatconvert.convert(ResidualConcatNet(classes=4), num_tasks=TASKS)
         ddp = DistributedDataParallel(net, find_unused_parameters=True)
         xs, ys, probe = _data((3, 16, 16), 4)
-        _train(net, ddp, xs, ys, probe, slice(rank, None, WORLD), via_module=ddp.module)
+        _train(net, ddp, xs, ys, probe, slice(rank, None, WORLD), via_module=ddp.module,
+               reinit_free=True)  # the free units too are drawn per rank
         assert _equal_across_ranks(_flat(net)), "ranks differ after three tasks"
 
         # the same computation in one process on the whole batch
