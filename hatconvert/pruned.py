@@ -6,7 +6,8 @@ and gives each gated layer only the rows of the units ``t`` opens. Its output st
 acts per unit: activations, dropout, pooling, a flatten, a norm whose gate sits behind it, a
 sum of two tensors compact on the same units, and the next gated layer, which then takes only
 the matching input columns. Anything else gets the full tensor back, zeros in the closed
-units (``expand_units``): residual streams, concatenations, LayerNorm run as they were.
+units (``expand_units``): residual streams and concatenations run as they were. A LayerNorm
+on a compact tensor read only by gated layers runs on the kept units (pruned_norms.py).
 Attention runs packed where ``attention_plan`` allows it (pruned_attention.py), else on the
 heads with a value unit open (pruned_heads.py). The result is exact by construction: a closed
 unit is zero in the HAT network too, and a query unit whose key is closed adds zero.
@@ -35,6 +36,7 @@ from .leaves import ScopedLeaf
 from .attention_plan import plan_attention
 from .pruned_attention import Packed, PackedOps
 from .pruned_heads import HeadOps
+from .pruned_norms import NormOps, NormTail
 from .op_rules import (ELEMENTWISE_MODULES, STRUCTURAL_MODULES, is_elementwise,
                        writes_first_argument)
 
@@ -212,7 +214,7 @@ class _KeptUnits(HeadOps):
         return len(shape)
 
 
-class Pruner(_KeptUnits, PackedOps):
+class Pruner(_KeptUnits, PackedOps, NormOps):
     """Builds the pruned graph of task ``t`` node by node (see the module docstring)."""
 
     def __init__(self, gm: fx.GraphModule, t: int, shapes: dict[fx.Node, tuple | None],
@@ -237,6 +239,8 @@ class Pruner(_KeptUnits, PackedOps):
         """``value`` for an op that needs whole tensors: a compact one expanded with zeros."""
         if isinstance(value, Packed):
             return self.unpack(value)
+        if isinstance(value, NormTail):
+            return self.full_tail(value)
         if isinstance(value, Compact):
             if len(value.index) == value.size:  # every unit kept: the tensor is whole already
                 return value.node
@@ -307,6 +311,8 @@ class Pruner(_KeptUnits, PackedOps):
         """What gated layer ``n`` reads: a compact input as it is with the columns of its kept
         units, anything else whole (columns None)."""
         in_dim = len(self.shapes[n.args[0]]) - 1 if isinstance(layer, nn.Linear) else 1
+        if isinstance(x, NormTail) and x.kept.dim == in_dim:  # add_rank_one does the rest
+            return x.kept.node, x.kept.index
         if isinstance(x, Compact) and x.dim == in_dim and len(x.index):
             return x.node, x.index
         return self.full(x), None
@@ -364,6 +370,10 @@ class Pruner(_KeptUnits, PackedOps):
             args = self.full(self.arg(n.args))
             return self.graph.call_module(self._module_name(n.target, module), args,
                                           self.full(self.arg(kwargs)))
+        if self.prune and n.args and isinstance(module, nn.LayerNorm):  # no affine: shared
+            tail = self.norm_on_kept(n, module, self.arg(n.args[0]))
+            if tail is not None:
+                return tail
         return self.keeps_units(n) or self.copy_node(n)
 
     # -- gated layers ----------------------------------------------------------------------------
@@ -388,6 +398,8 @@ class Pruner(_KeptUnits, PackedOps):
             new = self.new_layer(layer, rows, cols, zero=~mask[rows])
         new = without_padding_taps(new, in_shape)
         out = self.graph.call_module(self._module_name(n.args[1].target, new), (inp,))
+        if isinstance(x, NormTail) and kind == "dense":
+            out = self.add_rank_one(out, new, layer, rows, x, ~mask[rows])
         return Compact(out, dim, rows, mask.numel())
 
     def _depthwise(self, layer: nn.Module, rows: torch.Tensor, x: Any) -> tuple[nn.Module, Any]:
@@ -415,6 +427,9 @@ class Pruner(_KeptUnits, PackedOps):
         """Task ``t``'s copy of a norm, head or leaf; a per-unit norm runs on kept units."""
         gate = n.kwargs.get("gate")
         x = self.arg(n.args[0]) if n.args else None
+        tail = self.norm_on_kept(n, module, x) if self.prune else None
+        if tail is not None:
+            return tail
         if gate is not None and isinstance(x, Compact) and normalizes_each_unit(module) \
                 and isinstance(module, nn.modules.batchnorm._BatchNorm) and x.dim == 1 \
                 and gate_behind_norm(module, torch.empty(self.shapes[n.args[0]], device="meta"),
