@@ -22,6 +22,7 @@ from torch import nn
 
 from .compact import Compact, expand_units
 from .gates import gated_layer
+from .protected import _along
 
 __all__ = ["NormTail", "NormOps", "compact_layer_norm", "closed_units_filled"]
 
@@ -71,12 +72,6 @@ def _channel_dim(norm: nn.Module, ndim: int) -> int | None:
     return None
 
 
-def _along(vector: torch.Tensor, dim: int, ndim: int) -> torch.Tensor:
-    shape = [1] * ndim
-    shape[dim] = -1
-    return vector.reshape(shape)
-
-
 class NormOps:
     """The Pruner's LayerNorm on kept units (its graph, shapes, attributes)."""
 
@@ -95,10 +90,11 @@ class NormOps:
         if _channel_dim(norm, ndim) != x.dim or not n.users or \
                 not all(self._takes_tail(user, n, x.dim, ndim) for user in n.users):
             return None
-        weight = norm.weight.detach() if norm.weight is not None else torch.ones(x.size)
+        weight = norm.weight.detach() if norm.weight is not None else \
+            torch.ones(x.size, device=x.index.device)
         bias = norm.bias.detach() if norm.bias is not None else torch.zeros_like(weight)
-        kept = (self.attr("norm_weight", _along(weight[x.index], x.dim, ndim)),
-                self.attr("norm_bias", _along(bias[x.index], x.dim, ndim)))
+        kept = (self.attr("norm_weight", _along(weight[x.index], ndim, x.dim)),
+                self.attr("norm_bias", _along(bias[x.index], ndim, x.dim)))
         both = self.graph.call_function(compact_layer_norm,
                                         (x.node, *kept, x.size, float(norm.eps), x.dim))
         out = self.graph.call_function(operator.getitem, (both, 0))
@@ -119,7 +115,7 @@ class NormOps:
     def full_tail(self, tail: NormTail) -> fx.Node:
         """The whole norm output, for a reader that needs it."""
         c = tail.kept
-        weight, bias = (_along(v * _closed(c), c.dim, tail.ndim) for v in (tail.weight,
+        weight, bias = (_along(v * _closed(c), tail.ndim, c.dim) for v in (tail.weight,
                                                                            tail.bias))
         return self.graph.call_function(closed_units_filled, (
             c.node, self.attr("kept", c.index), c.size, c.dim, tail.scale,
@@ -159,6 +155,6 @@ class NormOps:
 
 
 def _closed(c: Compact) -> torch.Tensor:
-    closed = torch.ones(c.size, dtype=torch.bool)
+    closed = torch.ones(c.size, dtype=torch.bool, device=c.index.device)
     closed[c.index] = False
     return closed
